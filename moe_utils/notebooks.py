@@ -1,0 +1,97 @@
+"""Helpers the notebooks share, and a CLI that re-executes notebooks in place.
+
+In a notebook::
+
+    from moe_utils.notebooks import setup, compare
+    DEVICE = setup(seed=0)          # seeds torch/random/numpy; CPU unless MOE_DEVICE=cuda
+    compare("my router", mine, ref) # prints exact / approx / max diff (Karpathy's ``cmp``)
+
+From the shell (what ``make execute`` runs)::
+
+    python -m moe_utils.notebooks notebooks/*.ipynb   # executes in place, prints run times
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+
+__all__ = ["setup", "compare", "execute_notebook"]
+
+
+def setup(seed: int = 0, threads: int | None = None) -> str:
+    """Seed everything and pick the device.
+
+    Returns ``"cuda"`` only when the environment variable ``MOE_DEVICE=cuda`` is set
+    and a GPU is available, so committed outputs always come from the CPU path.
+    """
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    if threads is not None:
+        torch.set_num_threads(threads)
+    want = os.environ.get("MOE_DEVICE", "cpu").lower()
+    if want not in ("cpu", "cuda"):
+        raise ValueError(f"MOE_DEVICE must be 'cpu' or 'cuda', got {want!r}")
+    return "cuda" if want == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def compare(name: str, got: torch.Tensor, expected: torch.Tensor, atol: float = 1e-6, rtol: float = 1e-5) -> bool:
+    """Print whether ``got`` matches ``expected``: exact, approximate, or the max difference.
+
+    Returns True when they agree within ``atol``/``rtol``; shapes must match.
+    """
+    got = torch.as_tensor(got)
+    expected = torch.as_tensor(expected)
+    if got.shape != expected.shape:
+        print(f"{name:<28} shape mismatch: got {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        return False
+    exact = bool(torch.equal(got, expected.to(got.dtype)))
+    close = bool(torch.allclose(got.double(), expected.double(), atol=atol, rtol=rtol))
+    diff = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
+    print(f"{name:<28} exact: {exact!s:<5} | approx: {close!s:<5} | max diff: {diff:.1e}")
+    return close
+
+
+def execute_notebook(path: str, timeout: int = 600) -> float:
+    """Execute a notebook in place with nbclient (cwd = its folder); returns seconds."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}},
+    )
+    start = time.perf_counter()
+    client.execute()
+    elapsed = time.perf_counter() - start
+    nbformat.write(nb, path)
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Execute notebooks in place and print their run times.")
+    parser.add_argument("paths", nargs="+", help="notebooks to execute")
+    parser.add_argument("--timeout", type=int, default=600, help="per-cell timeout in seconds")
+    args = parser.parse_args(argv)
+    for path in args.paths:
+        seconds = execute_notebook(path, args.timeout)
+        print(f"{seconds:7.1f} s  {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
