@@ -147,7 +147,12 @@ class TopKRouter(_RouterBase):
         logits = router_logits(x, self.gate.weight)  # [T, E] float32
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)  # [T, k]
-        weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p
+        if self.renormalize:
+            # softmax over the k kept logits == top_p / top_p.sum(): same function and
+            # gradients, but for k = 1 this form gives an exactly-zero router gradient
+            weights = logits.gather(-1, top_i).softmax(dim=-1)
+        else:
+            weights = top_p
         kept = torch.ones_like(top_i, dtype=torch.bool)
         return Routing(top_i, weights, kept, self.num_experts, probs=probs, logits=logits)
 

@@ -1,0 +1,96 @@
+"""Command line: ``python -m moe_utils.grading {build,grade,list} ...``.
+
+``python -m moe_utils.grading NOTEBOOK`` (no sub-command) is short for ``grade NOTEBOOK``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .build import EXERCISES_DIR, SOLUTIONS_DIR, build
+from .grader import (
+    DEFAULT_MAX_PRINT,
+    DEFAULT_TIMEOUT,
+    format_table,
+    grade_folder,
+    grade_notebook,
+    write_csv,
+    write_json,
+    write_junit,
+)
+from .questions import EXERCISES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moe_utils.grading", description="MoE course exercises: build and grade")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="write the student notebooks from the masters")
+    b.add_argument("--solutions", type=Path, default=SOLUTIONS_DIR, help="folder of master notebooks")
+    b.add_argument("--out", type=Path, default=EXERCISES_DIR, help="folder for the student notebooks")
+    b.add_argument("--check", action="store_true", help="only report stale student notebooks (exit 1 if any)")
+    g = sub.add_parser("grade", help="grade one notebook, or every notebook in a folder")
+    g.add_argument("path", type=Path, help="a notebook, or a folder of submissions (searched recursively)")
+    g.add_argument("--json", type=Path, help="write the full report as JSON")
+    g.add_argument("--junit", type=Path, help="write a JUnit XML report (one test case per question)")
+    g.add_argument("--csv", type=Path, help="folder mode: write one row per submission (default grades.csv)")
+    g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per question (default %(default)s)")
+    g.add_argument("--exercise", choices=sorted(EXERCISES), help="grade as this exercise (default: from the notebook)")
+    g.add_argument("--max-print", type=int, default=DEFAULT_MAX_PRINT, help="characters a function may print (default %(default)s)")
+    g.add_argument("-v", "--verbose", action="store_true", help="show the full message of every failing question")
+    sub.add_parser("list", help="list the exercises, questions and points")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] not in ("build", "grade", "list", "-h", "--help"):
+        argv = ["grade", *argv]
+    args = _parser().parse_args(argv)
+    if args.cmd == "build":
+        stale = build(args.solutions, args.out, check=args.check)
+        verb = "out of date" if args.check else "written"
+        for name in stale:
+            print(f"{verb}: {name}")
+        if not stale:
+            print("student notebooks are up to date")
+        return 1 if (args.check and stale) else 0
+    if args.cmd == "list":
+        for ex, qs in EXERCISES.items():
+            print(f"{ex}  ({sum(q.points for q in qs)} points)")
+            for q in qs:
+                print(f"  {q.points} pt  {q.signature}")
+        return 0
+    if not args.path.exists():
+        print(f"error: {args.path} does not exist", file=sys.stderr)
+        return 2
+    if args.path.is_dir():
+        def progress(rep):
+            print(f"{rep.student:<24} {rep.exercise or '?':<24} {rep.score:g}/{rep.max_score:g}  ({rep.seconds:.1f} s)", flush=True)
+
+        reports = grade_folder(args.path, args.timeout, args.exercise, args.max_print, progress=progress)
+        if not reports:
+            print(f"error: no notebooks under {args.path}", file=sys.stderr)
+            return 2
+        csv_path = args.csv or Path("grades.csv")
+        write_csv(reports, csv_path)
+        print(f"{len(reports)} submissions graded; CSV: {csv_path}")
+        if args.json:
+            write_json(reports, args.json)
+        if args.junit:
+            write_junit(reports, args.junit)
+        return 0
+    report = grade_notebook(args.path, args.timeout, args.exercise, max_print=args.max_print)
+    print(format_table(report, verbose=args.verbose))
+    if args.json:
+        write_json(report, args.json)
+    if args.junit:
+        write_junit(report, args.junit)
+    if args.csv:
+        write_csv([report], args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Training loop for ``TinyLM``: AdamW, warm-up + cosine decay, MoE losses, routing stats,
+periodic validation, atomic checkpoints that resume bit-for-bit on CPU.
+
+The loss that is minimised::
+
+    loss = cross_entropy + aux_loss + z_loss        # aux and z already carry their coefficients
+
+Each step logs the cross-entropy, both router losses, the learning rate and, for
+every MoE layer, ``moe_utils.monitor.routing_stats`` (tokens per expert, dropped
+fraction, MaxVio, dead experts, router entropy). Every ``eval_every`` steps (and
+at step 0 and at the end) the mean cross-entropy on a fixed set of validation
+windows is logged, the same windows for every model, so curves are comparable.
+
+Reproducibility: one seed fixes the initial weights (global torch RNG), the
+training batches (their own ``torch.Generator``) and the Switch jitter (global
+RNG). A checkpoint stores the model, optimizer, scheduler, both RNG states, the
+step and the history; resuming from it gives exactly the losses of an
+uninterrupted run on the same machine.
+
+From the shell::
+
+    python -m moe_utils.train --model switch --steps 300 --seed 0 --checkpoint run.pt
+    python -m moe_utils.train --model switch --steps 300 --seed 0 --checkpoint run.pt --resume
+
+From a notebook, ``load_or_train(config, steps, seed)`` returns a trained model
+from the cache folder (training and storing it the first time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ._checks import check_positive_float, check_positive_int
+from .data import CORPUS_VERSION, CorpusTokens, cache_dir, corpus_tokens, fixed_batches, get_batch
+from .model import FFN_KINDS, LMConfig, TinyLM
+from .monitor import routing_stats
+
+__all__ = ["TrainConfig", "TrainResult", "lr_at", "evaluate", "train", "load_or_train", "save_checkpoint", "main"]
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``warmup_steps`` is capped at ``steps``; the learning rate
+    rises linearly to ``lr`` over the warm-up, then follows a cosine down to
+    ``min_lr_ratio * lr`` at the last step."""
+
+    steps: int
+    seed: int = 0
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    eval_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        check_positive_int("steps", self.steps)
+        check_positive_int("seed", self.seed, minimum=0)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_float("lr", self.lr)
+        check_positive_float("min_lr_ratio", self.min_lr_ratio, allow_zero=True)
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_positive_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_positive_float("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive_float("grad_clip", self.grad_clip, allow_zero=True)
+        check_positive_int("eval_every", self.eval_every)
+        check_positive_int("eval_batches", self.eval_batches)
+        check_positive_int("eval_seed", self.eval_seed, minimum=0)
+
+
+@dataclass
+class TrainResult:
+    """The trained model, its configs and the history (plain lists, JSON-friendly).
+
+    history keys: ``step``, ``loss`` (cross-entropy), ``aux_loss``, ``z_loss``, ``lr``,
+    ``routing`` (per step: one ``routing_stats`` dict per MoE layer), ``val_step``, ``val_loss``.
+    """
+
+    model: TinyLM
+    config: LMConfig
+    train_config: TrainConfig
+    history: dict = field(default_factory=dict)
+
+    @property
+    def final_val_loss(self) -> float:
+        return self.history["val_loss"][-1]
+
+
+def _empty_history() -> dict:
+    return {k: [] for k in ("step", "loss", "aux_loss", "z_loss", "lr", "routing", "val_step", "val_loss")}
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): warm-up, then cosine."""
+    warm = min(tc.warmup_steps, tc.steps)
+    if step < warm:
+        return (step + 1) / warm
+    span = max(1, tc.steps - warm)
+    progress = min(1.0, (step - warm) / span)
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: TinyLM, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str = "cpu") -> float:
+    """Mean next-token cross-entropy (nats) over ``batches`` in eval mode (mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        losses = [float(model(x.to(device), y.to(device)).loss) for x, y in batches]
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _make_optimizer(model: TinyLM, tc: TrainConfig) -> torch.optim.AdamW:
+    # decay matrices (and stacked expert weights), not norms' gains
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95))
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash
+    mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _check_data(data: CorpusTokens, seq_len: int) -> None:
+    if not isinstance(data, CorpusTokens):
+        raise TypeError(f"data must be a moe_utils.data.CorpusTokens, got {type(data).__name__}")
+    for name in ("train", "validation"):
+        n = getattr(data, name).numel()
+        if n < seq_len + 1:
+            raise ValueError(f"seq_len={seq_len} needs at least {seq_len + 1} tokens, but the {name} split holds {n}")
+
+
+def train(
+    config: LMConfig,
+    train_config: TrainConfig,
+    data: CorpusTokens | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+    device: str = "cpu",
+) -> TrainResult:
+    """Train a ``TinyLM(config)`` for ``train_config.steps`` optimizer steps.
+
+    data:             token streams (default: the embedded corpus, ``corpus_tokens()``)
+    checkpoint:       file to write every ``checkpoint_every`` steps and at the end
+    resume:           continue from ``checkpoint`` when it exists (configs must match)
+    progress:         show a tqdm bar
+    callback:         called as ``callback(step, record)`` after each step (step is 1-based)
+    """
+    if not isinstance(config, LMConfig):
+        raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
+    if not isinstance(train_config, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    if checkpoint_every is not None:
+        check_positive_int("checkpoint_every", checkpoint_every)
+        if checkpoint is None:
+            raise ValueError("checkpoint_every needs a checkpoint path")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint path")
+    tc = train_config
+    data = corpus_tokens() if data is None else data
+    _check_data(data, config.seq_len)
+
+    torch.manual_seed(tc.seed)
+    model = TinyLM(config).to(device)
+    opt = _make_optimizer(model, tc)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, tc))
+    gen = torch.Generator().manual_seed(tc.seed)
+    history = _empty_history()
+    start = 0
+    val_batches = fixed_batches(data.validation, tc.batch_size, config.seq_len, tc.eval_batches, tc.eval_seed)
+
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint: unknown format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        if state["model_config"] != config.to_dict() or state["train_config"] != asdict(tc):
+            raise ValueError("checkpoint: it was written for a different model or train config; use a new path")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        start = state["step"]
+
+    def snapshot(step: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": config.to_dict(),
+            "train_config": asdict(tc),
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "data_rng": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        }
+
+    if start == 0 and not history["val_step"]:
+        history["val_step"].append(0)
+        history["val_loss"].append(evaluate(model, val_batches, device))
+
+    from tqdm.auto import tqdm
+
+    model.train()
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=config.ffn, disable=not progress)
+    for i in bar:
+        step = i + 1
+        x, y = get_batch(data.train, tc.batch_size, config.seq_len, gen)
+        out = model(x.to(device), y.to(device))
+        loss = out.loss + out.aux_loss + out.z_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+
+        record = {
+            "loss": out.loss.item(),
+            "aux_loss": out.aux_loss.item(),
+            "z_loss": out.z_loss.item(),
+            "lr": lr,
+            "routing": [routing_stats(r) for r in out.routings if r is not None],
+        }
+        history["step"].append(step)
+        for k, v in record.items():
+            history[k].append(v)
+        if step % tc.eval_every == 0 or step == tc.steps:
+            history["val_step"].append(step)
+            history["val_loss"].append(evaluate(model, val_batches, device))
+            record["val_loss"] = history["val_loss"][-1]
+        if progress:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{history['val_loss'][-1]:.3f}")
+        if checkpoint is not None and (
+            (checkpoint_every is not None and step % checkpoint_every == 0) or step == tc.steps
+        ):
+            save_checkpoint(checkpoint, snapshot(step))
+        if callback is not None:
+            callback(step, record)
+    bar.close()
+    return TrainResult(model, config, tc, history)
+
+
+# ----------------------------------------------------------------------------- cache of trained models
+
+
+def _cache_key(config: LMConfig, tc: TrainConfig) -> str:
+    blob = json.dumps(
+        {"model": config.to_dict(), "train": asdict(tc), "corpus": CORPUS_VERSION, "py": sys.version_info[:2]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trained_model_path(config: LMConfig, train_config: TrainConfig, cache: str | os.PathLike | None = None) -> Path:
+    """Where ``load_or_train`` keeps a model: ``<cache>/models/<ffn>-<hash>.pt``."""
+    return cache_dir(cache) / "models" / f"{config.ffn}-{_cache_key(config, train_config)}.pt"
+
+
+def load_or_train(
+    config: LMConfig,
+    steps: int,
+    seed: int = 0,
+    *,
+    cache: str | os.PathLike | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+    **train_options,
+) -> TrainResult:
+    """A ``TinyLM`` trained on the embedded corpus, from the cache folder when present.
+
+    The cache key covers the model config, every training option, the corpus
+    version and the Python minor version (which fixes the stdlib text). The first
+    call trains and stores ``{model, configs, history}`` atomically; later calls load
+    it in a second. ``retrain=True`` trains again and overwrites the stored copy.
+    ``train_options`` are further ``TrainConfig`` fields (``batch_size``, ``lr``...).
+    """
+    if not isinstance(config, LMConfig):
+        raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
+    unknown = set(train_options) - set(TrainConfig.__dataclass_fields__) - {"steps", "seed"}
+    if unknown:
+        raise TypeError(f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(TrainConfig.__dataclass_fields__)}")
+    tc = TrainConfig(steps=steps, seed=seed, **train_options)
+    path = trained_model_path(config, tc, cache)
+    if path.exists() and not retrain:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = TinyLM(config)
+        model.load_state_dict(state["model"])
+        return TrainResult(model, config, tc, state["history"])
+    result = train(config, tc, progress=progress)
+    save_checkpoint(
+        path,
+        {"model_config": config.to_dict(), "train_config": asdict(tc), "model": result.model.state_dict(), "history": result.history},
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moe_utils.train", description="Train a tiny dense or MoE byte-level LM.")
+    p.add_argument("--model", required=True, choices=FFN_KINDS, help="FFN of every layer")
+    p.add_argument("--steps", required=True, type=int, help="optimizer steps (>= 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--d-ff", type=int, default=128, help="dense hidden size f (switch experts f, mixtral experts f/2)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--aux-coef", type=float, default=None, help="balance-loss coefficient (default: per model)")
+    p.add_argument("--z-coef", type=float, default=1e-3)
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (written atomically)")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        cfg = LMConfig(
+            ffn=a.model,
+            d_model=a.d_model,
+            n_layers=a.n_layers,
+            n_heads=a.n_heads,
+            seq_len=a.seq_len,
+            d_ff=a.d_ff,
+            num_experts=a.experts,
+            aux_loss_coef=a.aux_coef,
+            z_loss_coef=a.z_coef,
+        )
+        tc = TrainConfig(
+            steps=a.steps,
+            seed=a.seed,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            warmup_steps=a.warmup_steps,
+            eval_every=a.eval_every,
+        )
+    except (TypeError, ValueError) as err:
+        p.error(str(err))
+    result = train(
+        cfg,
+        tc,
+        checkpoint=a.checkpoint,
+        checkpoint_every=a.checkpoint_every,
+        resume=a.resume,
+        progress=not a.no_progress,
+    )
+    h = result.history
+    print(f"{a.model}: step {h['step'][-1] if h['step'] else 0}, validation loss {h['val_loss'][-1]:.4f} nats/byte")
+    if h["routing"]:
+        for i, s in enumerate(h["routing"][-1]):
+            print(
+                f"  layer {i}: tokens per expert {s['tokens_per_expert']}, MaxVio {s['max_violation']:.2f}, "
+                f"dropped {s['dropped_fraction']:.3f}, entropy {s['router_entropy']:.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
