@@ -82,15 +82,26 @@ def dense_ffn_fn(rows: int, d: int, f: int, kind: str, dtype, device):
     return fwd, [x, *ws, w2]
 
 
-def _cpu_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def _cpu_times(fns: dict, repeats: int) -> dict:
+    """Median ms of each function, interleaved (one call of each per round) after one warm-up,
+    so that load from other processes hits every candidate alike."""
+    for fn in fns.values():
         fn()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3  # ms
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def _no_grad(fn):
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    return call
 
 
 def _fwd_bwd(fwd, params):
@@ -121,13 +132,11 @@ def run_cpu(shapes=None, repeats: int = 5, backends=("reference", "torch"), seed
         params = [x, routing.weights, *bank.parameters()]
         flops = moe_flops(T, d, f, k, kind)
         dense_fwd, dense_params = dense_ffn_fn(T * k, d, f, kind, torch.float32, "cpu")
-        dense = {"fwd": _cpu_time(dense_fwd, repeats), "fwd_bwd": _cpu_time(_fwd_bwd(dense_fwd, dense_params), repeats)}
-        timed = {"dense": dense}
-        for b in backends:
-            fwd = lambda b=b: moe_ffn(x, routing, bank, backend=b)
-            with torch.no_grad():
-                t_fwd = _cpu_time(fwd, repeats)
-            timed[b] = {"fwd": t_fwd, "fwd_bwd": _cpu_time(_fwd_bwd(fwd, params), repeats)}
+        fwds = {"dense": dense_fwd, **{b: (lambda b=b, x=x, r=routing, m=bank: moe_ffn(x, r, m, backend=b)) for b in backends}}
+        t_fwd = _cpu_times({b: _no_grad(fn) for b, fn in fwds.items()}, repeats)
+        t_bwd = _cpu_times({b: _fwd_bwd(fn, dense_params if b == "dense" else params) for b, fn in fwds.items()}, repeats)
+        timed = {b: {"fwd": t_fwd[b], "fwd_bwd": t_bwd[b]} for b in fwds}
+        dense = timed["dense"]
         for b, t in timed.items():
             row = {**s, "routing": "uniform", "dtype": "float32", "backend": b, "fwd_ms": t["fwd"], "fwd_bwd_ms": t["fwd_bwd"]}
             row["fwd_gflops"] = flops / t["fwd"] / 1e6
@@ -185,7 +194,7 @@ def run_gpu(quick: bool = False, seed: int = 0) -> list[dict]:
             routing = make_routing(mode, T, E, k, device=dev, seed=seed)
             routing.weights.requires_grad_()
             params = [x, routing.weights, *bank.parameters()]
-            fns = {b: (lambda b=b: moe_ffn(x, routing, bank, backend=b)) for b in ("triton", "torch", "reference")}
+            fns = {b: (lambda b=b, x=x, r=routing, m=bank: moe_ffn(x, r, m, backend=b)) for b in ("triton", "torch", "reference")}
             if hasattr(torch, "_grouped_mm"):
                 fns["grouped_mm"] = _grouped_mm_fn(x, routing, bank)
             timed = {"dense": dense}

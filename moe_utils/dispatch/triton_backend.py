@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 import triton.language as tl
 
 from ..experts import ExpertBank

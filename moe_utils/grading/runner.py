@@ -9,6 +9,7 @@ becomes a ``CaseResult`` with a message that says expected vs got.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import numbers
 import os
@@ -195,6 +196,14 @@ def _detach(out):
     return out
 
 
+def _arg_name(q: Question, i: int) -> str:
+    try:
+        names = list(inspect.signature(q.reference).parameters)
+        return names[i]
+    except (TypeError, ValueError, IndexError):
+        return f"argument #{i + 1}"
+
+
 def _short_traceback(exc: BaseException) -> str:
     """The last frame of the student's code (a notebook cell), for the message."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -240,10 +249,15 @@ def run_case(fn, q: Question, case: Case, expected=None, capture: CappedText | N
     try:
         for i, (a, b) in enumerate(zip(before[0], args)):
             if not _same(a, b):
+                arg = _arg_name(q, i)
                 return CaseResult(
                     case.name, case.public, False,
-                    f"the function modified its input argument #{i + 1} in place; work on a copy (e.g. x = x.clone())",
+                    f"the function modified its input `{arg}` in place; leave inputs untouched "
+                    f"(work on a copy, e.g. {arg} = {arg}.clone(), or use out-of-place ops)",
                 )
+        for key in kwargs:
+            if not _same(before[1][key], kwargs[key]):
+                return CaseResult(case.name, case.public, False, f"the function modified its input `{key}` in place")
         msg = compare(got, value, case)
         if msg is None and case.grad:
             out = got if case.grad_output is None else got[case.grad_output]
@@ -254,9 +268,9 @@ def run_case(fn, q: Question, case: Case, expected=None, capture: CappedText | N
                 for pos, g_exp in zip(case.grad, grads):
                     g = args[pos].grad
                     if g is None:
-                        msg = f"no gradient reaches input argument #{pos + 1}"
+                        msg = f"no gradient reaches the input `{_arg_name(q, pos)}`"
                         break
-                    m = compare(g, g_exp, case, f"gradient of input argument #{pos + 1}")
+                    m = compare(g, g_exp, case, f"gradient with respect to `{_arg_name(q, pos)}`")
                     if m:
                         msg = m
                         break
