@@ -264,6 +264,42 @@ def _quiet_datasets():
             datasets.utils.logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _offline():
+    """Hub access off for the duration (a local JSON file needs no network), restored after.
+
+    ``datasets`` and ``huggingface_hub`` read the offline switches at import time, so
+    both the environment variables and the imported settings are flipped.
+    """
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    saved = [
+        (obj, name, getattr(obj, name))
+        for obj, name in (
+            (datasets.config, "HF_HUB_OFFLINE"),
+            (datasets.config, "HF_DATASETS_OFFLINE"),
+            (datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS"),
+            (hub_constants, "HF_HUB_OFFLINE"),
+        )
+        if hasattr(obj, name)
+    ]
+    os.environ.update({k: "1" for k in env})
+    for obj, name, _ in saved:
+        setattr(obj, name, name != "HF_UPDATE_DOWNLOAD_COUNTS")
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _check_local_file(p: Path) -> None:
     if not p.exists():
         raise FileNotFoundError(f"source: no such file or folder: {p.name!r} (give an existing .jsonl file)")
@@ -361,10 +397,7 @@ def load_corpus(
     data_files = (
         sorted(str(q) for q in path.iterdir() if q.name.endswith(_JSON_SUFFIXES)) if path.is_dir() else str(path)
     )
-    # a local JSON file needs no network; make sure datasets does not try anyway
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    with _quiet_datasets() as datasets:
+    with _quiet_datasets() as datasets, _offline():
         try:
             ds = datasets.load_dataset(
                 "json", data_files=data_files, split="train", cache_dir=str(cache_dir(cache) / "hf_datasets")

@@ -354,3 +354,34 @@ def test_cli_grades_a_folder_into_csv(tmp_path):
     assert rows["carol"]["problems"].startswith("mixtral_block_forward: fail")
     assert len(json.loads((tmp_path / "all.json").read_text())["submissions"]) == 3
     assert len(ET.parse(tmp_path / "all.xml").getroot().findall("testsuite")) == 3
+
+
+@pytest.mark.slow
+def test_masters_run_top_to_bottom_in_a_kernel_with_hidden_tests_passing():
+    # what nbgrader's autograde does with a master: run every cell, hidden tests included
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for exercise in NAMES:
+        nb = nbformat.read(SOLUTIONS / f"{exercise}.ipynb", as_version=4)
+        nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                resources={"metadata": {"path": str(SOLUTIONS)}}).execute()
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert text.count("PASS ") == 2 * len(EXERCISES[exercise]) and "FAIL" not in text, text
+
+
+def test_importing_the_course_reference_is_flagged(pool, tmp_path):
+    nb = mutate("ex03_switch_capacity", {"buffer_positions": "from moe_utils import buffer_positions"})
+    report = grade_notebook(_write(tmp_path, "ex03_switch_capacity", nb), pool=pool)
+    assert any("buffer_positions" in note and "moe_utils" in note for note in report.load_errors)
+    assert not any("moe_utils" in note for note in grade_notebook(SOLUTIONS / "ex04_mixtral_block.ipynb", pool=pool).load_errors)
+
+
+def test_definitions_that_never_finish_loading_cost_points_not_the_grader(pool, tmp_path):
+    nb = _master("ex02_balance_losses")
+    nb["cells"].append({"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+                        "source": "class Spin:\n    while True:\n        pass"})
+    report = grade_notebook(_write(tmp_path, "ex02_balance_losses", nb), timeout=2.0, pool=pool)
+    assert report.score == 0 and {q.status for q in report.questions} == {"not graded"}
+    assert "loading" in report.questions[0].message
+    # and the pool still works afterwards
+    assert grade_notebook(SOLUTIONS / "ex02_balance_losses.ipynb", pool=pool).score == 8

@@ -8,7 +8,8 @@ Backends:
 * ``"triton"``: the same plan as Triton grouped-GEMM kernels (``triton_kernels.py``,
   ``triton_backend.py``); CUDA, or CPU through the Triton interpreter when
   ``TRITON_INTERPRET=1`` was set before the kernel module was imported.
-* ``"auto"``: ``"triton"`` for CUDA tensors when Triton is installed, else ``"torch"``.
+* ``"auto"``: ``"triton"`` for CUDA tensors when Triton is installed (float64: ``"torch"``),
+  else ``"torch"``.
 
 All backends compute ``y[t] = sum_{j < k, kept[t, j]} w[t, j] * expert_{i[t, j]}(x[t])``
 and are differentiable in ``x``, the expert weights and ``routing.weights``.
@@ -83,6 +84,8 @@ def moe_ffn(x: torch.Tensor, routing: Routing, experts: ExpertBank, backend: str
     if routing.indices.device != x.device:
         raise ValueError(f"routing is on {routing.indices.device} but x is on {x.device}; move both to one device")
     name = resolve_backend(backend, x.device)
+    if backend == "auto" and name == "triton" and x.dtype == torch.float64:
+        name = "torch"  # the GPU kernels take fp32/fp16/bf16
     if name == "reference":
         return moe_ffn_reference(x, routing, experts)
     if name == "torch":

@@ -33,7 +33,7 @@ class Extraction:
     syntax_errors: list[str] = field(default_factory=list)
     defined: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
-    error: str | None = None  # the notebook itself could not be read
+    library_imports: list[str] = field(default_factory=list)  # names imported from moe_utils (not grading)
 
 
 def read_notebook(path) -> tuple[dict | None, str | None]:
@@ -107,6 +107,10 @@ def extract_definitions(nb: dict) -> Extraction:
                 continue
             start = stmt.decorator_list[0].lineno if getattr(stmt, "decorator_list", None) else stmt.lineno
             # keep the original line numbers so tracebacks point into the cell
+            if isinstance(stmt, ast.ImportFrom) and (stmt.module or "").startswith("moe_utils") and not (
+                stmt.module or ""
+            ).startswith("moe_utils.grading"):
+                ex.library_imports.extend(a.name for a in stmt.names)
             kept.append("\n" * (start - 1) + "\n".join(lines[start - 1 : stmt.end_lineno]))
             linenos.append(start)
             ex.defined.extend(_names(stmt))

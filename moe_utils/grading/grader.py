@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .extract import extract_definitions, read_notebook
-from .questions import EXERCISES, questions_for
+from .questions import EXERCISES, QUESTIONS, questions_for
 
 __all__ = [
     "QuestionResult",
@@ -42,6 +42,11 @@ __all__ = [
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_PRINT = 2000
 _PKG_ROOT = str(Path(__file__).resolve().parents[2])
+# moe_utils functions that answer a question outright: importing one earns a note in the report
+_LIBRARY_ANSWERS = {q.name for q in QUESTIONS} | {
+    "*", "capacity_mask", "switch_load_balancing_loss", "topk_load_balancing_loss", "moe_ffn", "moe_ffn_reference",
+    "router_logits", "TopKRouter", "SwitchRouter", "SwiGLU", "ExpertBank", "MoELayer", "mixtral_layer", "switch_layer",
+}
 
 
 @dataclass
@@ -275,6 +280,12 @@ def grade_notebook(
     display_base: Path | None = None,
 ) -> NotebookReport:
     """Grade one notebook. ``timeout``: seconds per question (and for loading)."""
+    own_pool = pool is None
+    pool = pool or WorkerPool()
+    try:
+        pool.ensure()  # start-up (importing torch) is not the notebook's time
+    except WorkerGone:
+        pass  # retried, and reported per question, below
     start = time.monotonic()
     path = Path(path)
     shown = _display_path(path, display_base)
@@ -285,6 +296,8 @@ def grade_notebook(
     if exercise is None:
         report.error = err or "could not tell which exercise this is (no moe_course metadata, no exNN in the file name)"
         report.seconds = round(time.monotonic() - start, 3)
+        if own_pool:
+            pool.close()
         return report
     qs = questions_for(exercise)
     report.max_score = float(sum(q.points for q in qs))
@@ -292,10 +305,13 @@ def grade_notebook(
         report.error = err
         report.questions = [QuestionResult(q.name, 0, q.points, "not graded", err) for q in qs]
         report.seconds = round(time.monotonic() - start, 3)
+        if own_pool:
+            pool.close()
         return report
     report.load_errors = [f"syntax error in {s}" for s in ex.syntax_errors]
-    own_pool = pool is None
-    pool = pool or WorkerPool()
+    borrowed = sorted(set(ex.library_imports) & _LIBRARY_ANSWERS)
+    if borrowed:
+        report.load_errors.append(f"imports course reference code from moe_utils: {', '.join(borrowed)} (check the work is the student's own)")
     snippets = [{"cell": s.cell, "statements": s.statements} for s in ex.snippets]
     child: int | None = None
     load_failed: str | None = None
