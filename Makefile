@@ -19,9 +19,10 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 lab: install
-	@echo "JupyterLab on http://127.0.0.1:$(PORT)/lab?token=$(TOKEN)  (port $(PORT), token $(TOKEN))"
-	cd notebooks && ../$(PY) -m jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) \
-		--ServerApp.token=$(TOKEN) $(ROOT_FLAG)
+	@echo "JupyterLab on http://127.0.0.1:$(PORT)/lab/tree/notebooks?token=$(TOKEN)  (port $(PORT), token $(TOKEN))"
+	@echo "It opens notebooks/; the exercises are one folder up, in exercises/."
+	$(PY) -m jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.token=$(TOKEN) \
+		--ServerApp.root_dir=. --ServerApp.default_url=/lab/tree/notebooks $(ROOT_FLAG)
 
 lint: install
 	$(PY) -m ruff check moe_utils tests notebooks exercises
