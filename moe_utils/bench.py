@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -297,6 +298,8 @@ def main(argv=None) -> int:
     slug = device_slug(device)
     meta = {"device": slug, "kind": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
+    if hasattr(os, "getloadavg"):  # other work on the machine inflates CPU timings; keep the record
+        meta["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
     try:
         import triton
 

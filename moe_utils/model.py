@@ -15,8 +15,8 @@ and SwiGLU everywhere:
 * ``switch``:  E SwiGLU experts of hidden size ``f``, top-1        -> ``3 d f`` (+ router)
 * ``mixtral``: E SwiGLU experts of hidden size ``f / 2``, top-2    -> ``3 d f`` (+ router)
 
-The MoE models hold about E times the FFN parameters but compute the same number
-per token. (``switch_layer`` defaults to GELU experts; here it gets SwiGLU so that
+Switch holds E times the dense FFN parameters, Mixtral E / 2 times; all three
+compute the same number per token. (``switch_layer`` defaults to GELU experts; here it gets SwiGLU so that
 only the routing differs between the three models.)
 """
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_expert_load", "plot_routing_heatmap", "plot_drop_rate", "plot_loss_curves"]
+__all__ = ["plot_expert_load", "plot_expert_counts", "plot_routing_heatmap", "plot_drop_rate", "plot_loss_curves"]
 
 
 def _array(name: str, v, ndim: int) -> np.ndarray:
@@ -56,6 +56,21 @@ def plot_expert_load(load, steps=None, ax=None, title: str = "expert load", norm
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.set_ylim(bottom=0)
+    return ax
+
+
+def plot_expert_counts(counts, ax=None, expected: float | None = None, title: str = "tokens per expert"):
+    """Bar chart of one routing histogram: counts: [E]; ``expected`` draws the balanced level."""
+    c = _array("counts", counts, 1)
+    ax = _axes(ax)
+    ax.bar(np.arange(c.shape[0]), c, color=_expert_colors(c.shape[0]))
+    if expected is not None:
+        ax.axhline(expected, color="k", ls="--", lw=1, label="balanced")
+        ax.legend(loc="lower right")
+    ax.set_xticks(range(c.shape[0]))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("tokens")
+    ax.set_title(title)
     return ax
 
 

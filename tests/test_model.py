@@ -21,19 +21,20 @@ def test_forward_returns_logits_losses_and_one_routing_per_layer(ffn):
     assert out.logits.shape == (3, 16, 256)
     assert len(out.routings) == 2
     # an untrained model predicts bytes close to uniformly: loss near ln 256
-    assert abs(float(out.loss) - math.log(256)) < 0.5
+    assert abs(out.loss.item() - math.log(256)) < 0.5
     if ffn == "dense":
         assert out.routings == [None, None]
-        assert float(out.aux_loss) == 0.0 and float(out.z_loss) == 0.0
+        assert out.aux_loss.item() == 0.0 and out.z_loss.item() == 0.0
     else:
         k = 1 if ffn == "switch" else 2
         for r in out.routings:
             assert r.indices.shape == (48, k) and r.probs.shape == (48, 4)
         coef = 1e-2 if ffn == "switch" else 2e-2
         # balance loss summed over 2 layers: near coef * (1 or k) per layer at init
-        assert 0.5 * 2 * coef * k < float(out.aux_loss) < 2 * 2 * coef * k
-        # z-loss with small logits: about (ln E)^2 * 1e-3 per layer
-        assert float(out.z_loss) == pytest.approx(2 * 1e-3 * math.log(4) ** 2, rel=0.2)
+        assert 0.5 * 2 * coef * k < out.aux_loss.item() < 2 * 2 * coef * k
+        # z-loss with small logits: near (ln E)^2 * 1e-3 per layer, clearly not 0
+        z_uniform = 2 * 1e-3 * math.log(4) ** 2
+        assert 0.5 * z_uniform < out.z_loss.item() < 2 * z_uniform
         out.loss.add(out.aux_loss).add(out.z_loss).backward()
         assert all(layer.router.gate.weight.grad is not None for layer in model.moe_layers)
 
@@ -41,7 +42,9 @@ def test_forward_returns_logits_losses_and_one_routing_per_layer(ffn):
 def test_active_ffn_parameters_match_across_models():
     counts = {f: TinyLM(LMConfig(ffn=f, **TINY)).ffn_parameters() for f in FFN_KINDS}
     assert counts["dense"]["active"] == counts["switch"]["active"] == counts["mixtral"]["active"]
-    assert counts["switch"]["total"] == counts["mixtral"]["total"] == 4 * counts["dense"]["total"]
+    # Switch: E experts of width f; Mixtral: E experts of width f / 2
+    assert counts["switch"]["total"] == 4 * counts["dense"]["total"]
+    assert counts["mixtral"]["total"] == 2 * counts["dense"]["total"]
     # the formula agrees with the real modules' parameter counts (routers excluded)
     for f in FFN_KINDS:
         model = TinyLM(LMConfig(ffn=f, **TINY))

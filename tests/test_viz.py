@@ -35,3 +35,10 @@ def test_plot_routing_heatmap_and_drop_rate_and_loss_curves():
     assert len(axes[0].images) == 1
     assert len(axes[1].lines) == 2 and len(axes[2].lines) == 2
     plt.close(fig)
+
+
+def test_plot_expert_counts_draws_one_bar_per_expert():
+    fig, ax = plt.subplots()
+    viz.plot_expert_counts(torch.tensor([5, 3, 0, 8]), ax=ax, expected=4.0)
+    assert len(ax.patches) == 4 and len(ax.lines) == 1
+    plt.close(fig)
