@@ -320,11 +320,7 @@ def _looks_local(source) -> bool:
     if isinstance(source, os.PathLike):
         return True
     s = str(source)
-    return (
-        s.endswith(_JSON_SUFFIXES)
-        or s.startswith((".", "/", "~", os.sep))
-        or Path(s).expanduser().exists()
-    )
+    return s.endswith(_JSON_SUFFIXES) or s.startswith((".", "/", "~", os.sep)) or Path(s).expanduser().exists()
 
 
 def _split(ds, validation_fraction: float, seed: int, domain_field: str):

@@ -316,7 +316,9 @@ def load_or_train(
         raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
     unknown = set(train_options) - set(TrainConfig.__dataclass_fields__) - {"steps", "seed"}
     if unknown:
-        raise TypeError(f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(TrainConfig.__dataclass_fields__)}")
+        raise TypeError(
+            f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(TrainConfig.__dataclass_fields__)}"
+        )
     tc = TrainConfig(steps=steps, seed=seed, **train_options)
     path = trained_model_path(config, tc, cache)
     if path.exists() and not retrain:
@@ -327,7 +329,12 @@ def load_or_train(
     result = train(config, tc, progress=progress)
     save_checkpoint(
         path,
-        {"model_config": config.to_dict(), "train_config": asdict(tc), "model": result.model.state_dict(), "history": result.history},
+        {
+            "model_config": config.to_dict(),
+            "train_config": asdict(tc),
+            "model": result.model.state_dict(),
+            "history": result.history,
+        },
     )
     return result
 
@@ -336,7 +343,9 @@ def load_or_train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe_utils.train", description="Train a tiny dense or MoE byte-level LM.")
+    p = argparse.ArgumentParser(
+        prog="python -m moe_utils.train", description="Train a tiny dense or MoE byte-level LM."
+    )
     p.add_argument("--model", required=True, choices=FFN_KINDS, help="FFN of every layer")
     p.add_argument("--steps", required=True, type=int, help="optimizer steps (>= 1)")
     p.add_argument("--seed", type=int, default=0)

@@ -48,9 +48,7 @@ def test_active_ffn_parameters_match_across_models():
     # the formula agrees with the real modules' parameter counts (routers excluded)
     for f in FFN_KINDS:
         model = TinyLM(LMConfig(ffn=f, **TINY))
-        real = sum(
-            p.numel() for b in model.blocks for n, p in b.ffn.named_parameters() if not n.startswith("router")
-        )
+        real = sum(p.numel() for b in model.blocks for n, p in b.ffn.named_parameters() if not n.startswith("router"))
         assert real == counts[f]["total"], f
     mixtral = TinyLM(LMConfig(ffn="mixtral", **TINY))
     assert all(isinstance(b.ffn, MoELayer) and b.ffn.experts.d_ff == 32 for b in mixtral.blocks)
