@@ -36,6 +36,7 @@ import os
 import random
 import sys
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,10 +248,19 @@ def build_corpus(
 # ----------------------------------------------------------------------------- loading
 
 
+def _import_datasets():
+    """``import datasets`` without tqdm's "IProgress not found" warning (Jupyter without
+    ipywidgets), which would otherwise land in a notebook cell's output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import datasets
+    return datasets
+
+
 @contextlib.contextmanager
 def _quiet_datasets():
     """Silence ``datasets``' progress bars and info logs (they would differ between runs)."""
-    import datasets
+    datasets = _import_datasets()
 
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
     level = datasets.utils.logging.get_verbosity()
@@ -271,8 +281,9 @@ def _offline():
     ``datasets`` and ``huggingface_hub`` read the offline switches at import time, so
     both the environment variables and the imported settings are flipped.
     """
-    import datasets
     import huggingface_hub.constants as hub_constants
+
+    datasets = _import_datasets()
 
     env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     saved = [
@@ -325,7 +336,7 @@ def _looks_local(source) -> bool:
 
 def _split(ds, validation_fraction: float, seed: int, domain_field: str):
     """Per-domain seeded split: ``ceil(fraction * n)`` records of each domain to validation."""
-    import datasets
+    datasets = _import_datasets()
 
     domains = ds[domain_field] if domain_field in ds.column_names else ["all"] * len(ds)
     g = torch.Generator().manual_seed(seed)
@@ -408,7 +419,7 @@ def load_corpus(
 
 def _normalise(dd, text_field: str, domain_field: str, default_domain: str):
     """Keep only ``domain`` and ``text`` columns (adding ``domain`` when absent)."""
-    import datasets
+    datasets = _import_datasets()
 
     out = {}
     for split, ds in dd.items():

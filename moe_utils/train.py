@@ -34,6 +34,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,18 @@ from .data import CORPUS_VERSION, CorpusTokens, cache_dir, corpus_tokens, fixed_
 from .model import FFN_KINDS, LMConfig, TinyLM
 from .monitor import routing_stats
 
-__all__ = ["TrainConfig", "TrainResult", "lr_at", "evaluate", "train", "load_or_train", "save_checkpoint", "main"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "lr_at",
+    "evaluate",
+    "train",
+    "load_or_train",
+    "save_trained",
+    "trained_model_path",
+    "save_checkpoint",
+    "main",
+]
 
 CHECKPOINT_FORMAT = 1
 
@@ -235,10 +247,14 @@ def train(
         history["val_step"].append(0)
         history["val_loss"].append(evaluate(model, val_batches, device))
 
-    from tqdm.auto import tqdm
+    with warnings.catch_warnings():  # tqdm.auto warns in Jupyter without ipywidgets, then falls back to text
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
 
     model.train()
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=config.ffn, disable=not progress)
+    bar = tqdm(
+        range(start, tc.steps), initial=start, total=tc.steps, desc=config.ffn, disable=not progress, mininterval=2.0
+    )
     for i in bar:
         step = i + 1
         x, y = get_batch(data.train, tc.batch_size, config.seq_len, gen)
@@ -267,7 +283,7 @@ def train(
             history["val_loss"].append(evaluate(model, val_batches, device))
             record["val_loss"] = history["val_loss"][-1]
         if progress:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{history['val_loss'][-1]:.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{history['val_loss'][-1]:.3f}", refresh=False)
         if checkpoint is not None and (
             (checkpoint_every is not None and step % checkpoint_every == 0) or step == tc.steps
         ):
@@ -327,16 +343,24 @@ def load_or_train(
         model.load_state_dict(state["model"])
         return TrainResult(model, config, tc, state["history"])
     result = train(config, tc, progress=progress)
-    save_checkpoint(
-        path,
-        {
-            "model_config": config.to_dict(),
-            "train_config": asdict(tc),
-            "model": result.model.state_dict(),
-            "history": result.history,
-        },
-    )
+    save_trained(result, cache)
     return result
+
+
+def save_trained(result: TrainResult, cache: str | os.PathLike | None = None) -> Path:
+    """Store a finished run where ``load_or_train`` looks for it (atomically); returns the path.
+
+    Only for runs on the embedded default corpus: the cache key does not cover other data.
+    """
+    if not isinstance(result, TrainResult):
+        raise TypeError(f"result must be a TrainResult, got {type(result).__name__}")
+    state = {
+        "model_config": result.config.to_dict(),
+        "train_config": asdict(result.train_config),
+        "model": result.model.state_dict(),
+        "history": result.history,
+    }
+    return save_checkpoint(trained_model_path(result.config, result.train_config, cache), state)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -388,14 +412,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (TypeError, ValueError) as err:
         p.error(str(err))
-    result = train(
-        cfg,
-        tc,
-        checkpoint=a.checkpoint,
-        checkpoint_every=a.checkpoint_every,
-        resume=a.resume,
-        progress=not a.no_progress,
-    )
+    try:
+        result = train(
+            cfg,
+            tc,
+            checkpoint=a.checkpoint,
+            checkpoint_every=a.checkpoint_every,
+            resume=a.resume,
+            progress=not a.no_progress,
+        )
+    except (TypeError, ValueError) as err:
+        p.error(str(err))
     h = result.history
     print(f"{a.model}: step {h['step'][-1] if h['step'] else 0}, validation loss {h['val_loss'][-1]:.4f} nats/byte")
     if h["routing"]:
