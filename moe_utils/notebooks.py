@@ -78,11 +78,14 @@ def execute_notebook(path: str, timeout: int = 600) -> float:
         nb,
         timeout=timeout,
         kernel_name="python3",
+        record_timing=False,  # no wall-clock stamps in cell metadata: clean diffs
         resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}},
     )
     start = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - start
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
     nbformat.write(nb, path)
     return elapsed
 
