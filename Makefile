@@ -33,7 +33,7 @@ unit: install
 
 # strict nbval: every stored output of every lecture notebook must match a fresh run
 notebooks-test: install
-	$(PY) -m pytest --nbval notebooks --sanitize-with tests/nbval_sanitize.cfg -q -p no:cacheprovider --durations=0
+	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -q -p no:cacheprovider --durations=0
 
 test: lint unit notebooks-test
 

@@ -233,6 +233,10 @@ class NoisyTopKRouter(_RouterBase):
     keep the top-k of ``H`` and softmax over them (so weights sum to 1). ``W_g`` and
     ``W_noise`` start at zero, as in the paper. ``probs`` is ``softmax(H)`` over all
     experts, the quantity the load-balancing losses see.
+
+    Note: at initialisation every logit is 0, so in eval mode (no noise) ``topk``
+    breaks the tie the same way for every token and all tokens pick the same
+    experts; in training the noise spreads them until ``W_g`` has learned.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2):

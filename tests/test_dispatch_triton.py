@@ -53,7 +53,17 @@ def test_triton_non_contiguous_input():
     assert_matches_reference(xt, routing, bank, "triton")
 
 
+def _triton_version() -> tuple[int, ...]:
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
 @pytest.mark.skipif(CUDA, reason="float64 tl.dot is for the interpreter")
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is not None and _triton_version() < (3, 9),
+    reason="the interpreter of triton < 3.9 rejects float64 tl.dot (3.6 asserts); checked on 3.9",
+)
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 def test_triton_gradcheck_float64_in_the_interpreter(kind):
     assert gradcheck_dispatch(kind, "triton", fast_mode=True)
