@@ -106,7 +106,10 @@ class Routing:
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``h = x @ W_r^T`` in float32 (selective precision); raises on NaN/inf."""
+    """``h = x @ W_r`` in float32 (selective precision); raises on NaN/inf.
+
+    ``weight`` is an ``nn.Linear`` weight, i.e. ``W_r^T`` of shape ``[E, d]``; ``W_r`` is ``[d, E]``.
+    """
     h = F.linear(x.float(), weight.float())
     check_finite("router logits", h)
     return h
