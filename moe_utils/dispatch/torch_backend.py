@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..experts import ExpertBank
+from ..experts import ExpertBank, expert_activation
 from ..routers import Routing
 from .metadata import dispatch_metadata
 
@@ -60,7 +60,7 @@ class GroupedExperts(torch.autograd.Function):
             torch.mm(xs[rows], w1[e], out=h1[rows])  # [n, d] @ [d, f]
             if h3 is not None:
                 torch.mm(xs[rows], w3[e], out=h3[rows])
-            a = torch.nn.functional.gelu(h1[rows]) if kind == "gelu" else torch.nn.functional.silu(h1[rows]) * h3[rows]
+            a = expert_activation(kind, h1[rows], h3[rows] if h3 is not None else None)
             torch.mm(a, w2[e], out=ys[rows])  # [n, f] @ [f, d]
             start += n
         ctx.counts, ctx.kind = counts, kind
@@ -92,7 +92,7 @@ class GroupedExperts(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             x_e = xs[rows]
-            a = torch.nn.functional.gelu(h1[rows]) if kind == "gelu" else torch.nn.functional.silu(h1[rows]) * h3[rows]
+            a = expert_activation(kind, h1[rows], h3[rows] if h3 is not None else None)
             torch.mm(a.t(), gy[rows], out=gw2[e])  # dW2 = A^T dY
             torch.mm(x_e.t(), gh1[rows], out=gw1[e])  # dW1 = X^T dH1
             torch.mm(gh1[rows], w1[e].t(), out=gxs[rows])  # dX = dH1 W1^T (+ dH3 W3^T)
