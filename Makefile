@@ -5,23 +5,28 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PORT   ?= 8888
-TOKEN  ?= moe-course
+# empty: Jupyter makes a random token and prints it; TOKEN=... fixes one (only on a machine you alone use)
+TOKEN  ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+TOKEN_FLAG := $(if $(TOKEN),--IdentityProvider.token=$(TOKEN),)
+# JupyterLab settings for this environment only (no news pop-up); see lab/overrides.json
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
 
 .PHONY: install lab test lint unit kernels notebooks-test execute bench clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml lab/overrides.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@mkdir -p $(LAB_SETTINGS) && cp lab/overrides.json $(LAB_SETTINGS)/overrides.json
 	@touch $(STAMP)
 
 install: $(STAMP)
 
 lab: install
-	@echo "JupyterLab on http://127.0.0.1:$(PORT)/lab/tree/notebooks?token=$(TOKEN)  (port $(PORT), token $(TOKEN))"
+	@echo "Starting JupyterLab on port $(PORT): open the http://127.0.0.1:$(PORT)/lab?token=... address it prints."
 	@echo "It opens notebooks/; the exercises are one folder up, in exercises/."
-	$(PY) -m jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --ServerApp.token=$(TOKEN) \
+	$(PY) -m jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) $(TOKEN_FLAG) \
 		--ServerApp.root_dir=. --ServerApp.default_url=/lab/tree/notebooks $(ROOT_FLAG)
 
 lint: install

@@ -74,6 +74,9 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("n_encoder_layers", self.n_encoder_layers, minimum=0)
+        for name in ("n_kv_heads", "head_dim", "dense_d_ff"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         check_k(self.top_k, self.num_experts)
         for name in ("ffn_kind", "dense_ffn_kind"):
             v = getattr(self, name)

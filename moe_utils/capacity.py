@@ -43,8 +43,14 @@ def expert_capacity(
     check_positive_int("k", k)
     check_positive_int("min_capacity", min_capacity, minimum=0)
     cf = check_positive_float("capacity_factor", capacity_factor)
+    slots = cf * k * num_tokens / num_experts
+    if not math.isfinite(slots):
+        raise ValueError(
+            f"capacity_factor={capacity_factor} is too large: capacity_factor * k * num_tokens / num_experts "
+            "overflows; any capacity_factor >= num_experts / k already keeps every token"
+        )
     # a tiny epsilon keeps e.g. 1.25 * 8 / 2 = 5.000000001 from flooring to 4
-    return max(min_capacity, int(math.floor(cf * k * num_tokens / num_experts + 1e-9)))
+    return max(min_capacity, int(math.floor(slots + 1e-9)))
 
 
 def buffer_positions(indices: torch.Tensor, num_experts: int, group_size: int | None = None) -> torch.Tensor:

@@ -452,11 +452,11 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         """[n] ids (tensor or list of ints in [0, 255]) -> text."""
         if isinstance(ids, torch.Tensor):
-            if ids.is_floating_point() or ids.dim() != 1:
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() != 1:
                 raise TypeError(f"ids must be a 1-D integer tensor, got dtype {ids.dtype} and shape {tuple(ids.shape)}")
             ids = ids.tolist()
         ids = list(ids)
-        if any(not isinstance(i, int) or not 0 <= i < 256 for i in ids):
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 256 for i in ids):
             raise ValueError("ids must be ints in [0, 255]")
         return bytes(ids).decode("utf-8", errors="replace")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._checks import check_float_tensor, check_last_dim, check_positive_float
-from .dispatch import moe_ffn
+from .dispatch import BACKENDS, moe_ffn
 from .experts import ExpertBank, FeedForward, SwiGLU
 from .losses import router_z_loss, switch_load_balancing_loss, topk_load_balancing_loss
 from .routers import Routing, SwitchRouter, TopKRouter
@@ -39,7 +39,8 @@ class MoELayer(nn.Module):
 
     router:        any router returning a ``Routing`` (``TopKRouter``, ``SwitchRouter``...)
     experts:       an ``ExpertBank``
-    aux_loss:      ``"switch"`` (alpha E sum f P, the course default), ``"topk"``
+    aux_loss:      ``"switch"`` (alpha E sum f P, the course default; with a grouped router
+                   it is computed per routing group and averaged), ``"topk"``
                    (Hugging Face Mixtral variant, k at balance) or None
     aux_loss_coef: coefficient of the balance loss (Switch 1e-2, Mixtral 0.02)
     z_loss_coef:   coefficient of the router z-loss (ST-MoE 1e-3; 0 disables it)
@@ -66,6 +67,8 @@ class MoELayer(nn.Module):
             )
         if aux_loss not in AUX_LOSSES:
             raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {aux_loss!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.router = router
         self.experts = experts
         self.aux_loss = aux_loss
@@ -93,7 +96,10 @@ class MoELayer(nn.Module):
         zero = x2.new_zeros((), dtype=torch.float32)
         aux = zero
         if self.aux_loss == "switch" and routing.probs is not None:
-            aux = switch_load_balancing_loss(routing.probs, routing.indices, alpha=self.aux_loss_coef)
+            # per routing group, averaged over groups (the router's group_size; None: one group)
+            aux = switch_load_balancing_loss(
+                routing.probs, routing.indices, alpha=self.aux_loss_coef, group_size=getattr(self.router, "group_size", None)
+            )
         elif self.aux_loss == "topk" and routing.probs is not None:
             aux = self.aux_loss_coef * topk_load_balancing_loss(routing.probs, routing.indices)
         z = self.z_loss_coef * router_z_loss(routing.logits) if routing.logits is not None else zero

@@ -21,7 +21,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_finite, check_float_tensor, check_index_tensor, check_positive_float
+from ._checks import (
+    check_finite,
+    check_float_tensor,
+    check_index_tensor,
+    check_positive_float,
+    check_positive_int,
+    check_probabilities,
+)
+from ._ops import logsumexp_lastdim
 
 __all__ = ["switch_load_balancing_loss", "topk_load_balancing_loss", "router_z_loss", "cv_squared"]
 
@@ -29,6 +37,7 @@ __all__ = ["switch_load_balancing_loss", "topk_load_balancing_loss", "router_z_l
 def _check_probs_and_indices(router_probs, expert_indices, ndim_idx):
     check_float_tensor("router_probs", router_probs, ndim=2)
     check_finite("router_probs", router_probs)
+    check_probabilities("router_probs", router_probs)
     E = router_probs.shape[1]
     check_index_tensor("expert_indices", expert_indices, ndim=ndim_idx, upper=E)
     if expert_indices.shape[0] != router_probs.shape[0]:
@@ -40,26 +49,34 @@ def _check_probs_and_indices(router_probs, expert_indices, ndim_idx):
 
 
 def switch_load_balancing_loss(
-    router_probs: torch.Tensor, expert_indices: torch.Tensor, alpha: float = 1e-2
+    router_probs: torch.Tensor, expert_indices: torch.Tensor, alpha: float = 1e-2, group_size: int | None = None
 ) -> torch.Tensor:
-    """Switch Transformer auxiliary loss ``alpha * E * sum_i f_i * P_i``.
+    """Switch Transformer auxiliary loss ``alpha * E * sum_i f_i * P_i``, per routing group.
 
-    router_probs:   [T, E] softmax probabilities of one routing group
+    router_probs:   [T, E] softmax probabilities
     expert_indices: [T] top-1 expert ids, or [T, k] (only the first column, the
                     top-1 choice, is counted), taken *before* capacity dropping
     alpha:          coefficient (1e-2 in the paper); pass 1.0 for the raw value
+    group_size:     tokens per routing group (T must be a multiple of it); None: the
+                    T tokens are one group. ``f`` and ``P`` are taken inside each group
+                    and the per-group losses are averaged, as in the Hugging Face
+                    Switch Transformers code (one group per sequence there).
 
     Returns a scalar. Uniform routing gives ``alpha``; all tokens on one expert with
     probability 1 gives ``alpha * E``. An empty batch (T = 0) gives 0.
     """
     alpha = check_positive_float("alpha", alpha, allow_zero=True)
     E = _check_probs_and_indices(router_probs, expert_indices, (1, 2))
-    if router_probs.shape[0] == 0:
+    T = router_probs.shape[0]
+    if T == 0:
         return router_probs.sum() * 0.0
+    G = T if group_size is None else check_positive_int("group_size", group_size)
+    if T % G:
+        raise ValueError(f"the number of tokens T={T} must be a multiple of group_size={G}")
     top1 = expert_indices if expert_indices.dim() == 1 else expert_indices[:, 0]
-    f = F.one_hot(top1, E).to(router_probs.dtype).mean(dim=0)  # [E], no gradient
-    P = router_probs.mean(dim=0)  # [E], differentiable
-    return alpha * E * torch.sum(f * P)
+    f = F.one_hot(top1, E).to(router_probs.dtype).view(T // G, G, E).mean(dim=1)  # [groups, E], no gradient
+    P = router_probs.view(T // G, G, E).mean(dim=1)  # [groups, E], differentiable
+    return alpha * E * torch.sum(f * P, dim=-1).mean()
 
 
 def topk_load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
@@ -92,7 +109,7 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     check_finite("router_logits", router_logits)
     if router_logits.shape[0] == 0:
         return router_logits.sum() * 0.0
-    return torch.logsumexp(router_logits, dim=-1).pow(2).mean()
+    return logsumexp_lastdim(router_logits).pow(2).mean()  # = torch.logsumexp(router_logits, -1) ...
 
 
 def cv_squared(v: torch.Tensor) -> torch.Tensor:

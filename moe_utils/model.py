@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_positive_float, check_positive_int
+from .dispatch import BACKENDS
 from .layers import DenseFFN, MoELayer, mixtral_layer, switch_layer
 from .routers import Routing
 
@@ -83,6 +84,8 @@ class LMConfig:
         self.z_loss_coef = check_positive_float("z_loss_coef", self.z_loss_coef, allow_zero=True)
         check_positive_float("capacity_factor", self.capacity_factor)
         check_positive_float("eval_capacity_factor", self.eval_capacity_factor)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @property
     def expert_d_ff(self) -> int:
@@ -220,11 +223,18 @@ class TinyLM(nn.Module):
         return {"total": c.n_layers * total, "active": c.n_layers * active}
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point() or idx.dtype == torch.bool:
             raise TypeError("idx must be a [batch, seq] integer tensor of token ids")
         B, S = idx.shape
         if S > self.config.seq_len:
             raise ValueError(f"sequence length {S} exceeds config.seq_len={self.config.seq_len}")
+        if B == 0 or S == 0:
+            raise ValueError(f"idx must hold at least one token: got shape {tuple(idx.shape)} (batch, seq)")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"idx must hold token ids in [0, vocab_size - 1 = {self.config.vocab_size - 1}], got values in [{lo}, {hi}]"
+            )
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(S, device=idx.device))
         aux = x.new_zeros((), dtype=torch.float32)
         z = x.new_zeros((), dtype=torch.float32)
@@ -238,8 +248,15 @@ class TinyLM(nn.Module):
         logits = F.linear(self.norm(x), self.tok_emb.weight)  # tied head: [B, S, V]
         loss = None
         if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+                raise TypeError("targets must be a [batch, seq] integer tensor of token ids")
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            t_lo, t_hi = int(targets.min()), int(targets.max())
+            if t_lo < 0 or t_hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"targets must hold token ids in [0, {self.config.vocab_size - 1}], got values in [{t_lo}, {t_hi}]"
+                )
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return LMOutput(logits, loss, aux, z, routings)
 

@@ -119,3 +119,29 @@ def test_bad_backend_and_inputs_raise_clear_errors():
         moe_ffn(x, None, bank, backend="torch")
     with pytest.raises(ValueError, match="tokens"):
         moe_ffn(x[:3], routing, bank, backend="torch")
+
+
+def with_mixed_layouts(bank):
+    """The same expert weights, but ``w1`` stored transposed ([E, f, d] memory read as [E, d, f])
+    and ``w2`` expert-minor, while ``w3`` stays contiguous: layouts that weights loaded from
+    another library can have. Values are unchanged, so every backend must give the same numbers."""
+    mixed = ExpertBank(bank.num_experts, bank.d_model, bank.d_ff, kind=bank.kind).to(bank.w1.dtype)
+    with torch.no_grad():
+        mixed.w1 = torch.nn.Parameter(bank.w1.detach().transpose(1, 2).contiguous().transpose(1, 2))
+        mixed.w2 = torch.nn.Parameter(bank.w2.detach().permute(1, 2, 0).contiguous().permute(2, 0, 1))
+        if bank.w3 is not None:
+            mixed.w3 = torch.nn.Parameter(bank.w3.detach().clone())
+    assert not mixed.w1.is_contiguous() and not mixed.w2.is_contiguous()
+    assert mixed.w1.stride() != (mixed.w3 if mixed.w3 is not None else bank.w1).stride()
+    return mixed
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+def test_weights_with_mixed_memory_layouts_give_the_contiguous_result(backend, kind):
+    x, routing, bank = make_case(11, 24, 40, 3, 2, kind=kind, drop=0.2)
+    mixed = with_mixed_layouts(bank)
+    got = run_with_grads(x, routing, mixed, backend)
+    want = run_with_grads(x, routing, bank, "reference")
+    for name, ref in want.items():
+        torch.testing.assert_close(got[name], ref, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

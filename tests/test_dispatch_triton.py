@@ -133,3 +133,23 @@ def test_gpu_runs_are_bitwise_deterministic():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_float32_matches_reference_at_a_mid_size():
     assert_matches_reference(*_to(make_case(257, 96, 200, 8, 2, drop=0.1)), "triton", atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+def test_triton_weights_with_mixed_memory_layouts_give_the_contiguous_result(kind):
+    # regression: w3 was read with w1's strides, silently wrong when their layouts differ
+    from test_dispatch_torch import with_mixed_layouts
+
+    x, routing, bank = _to(make_case(11, 24, 40, 3, 2, kind=kind, drop=0.2))
+    mixed = with_mixed_layouts(bank)
+    got = run_with_grads(x, routing, mixed, "triton")
+    want = run_with_grads(x, routing, bank, "reference")
+    for name, ref in want.items():
+        torch.testing.assert_close(got[name], ref, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's bfloat16 problem is CPU-only")
+def test_triton_interpreter_refuses_bfloat16_instead_of_returning_garbage():
+    x, routing, bank = _to(make_case(6, 24, 40, 3, 2))
+    with pytest.raises(TypeError, match="bfloat16"):
+        moe_ffn(x.detach().bfloat16(), routing, bank.to(torch.bfloat16), backend="triton")

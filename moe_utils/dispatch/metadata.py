@@ -30,7 +30,7 @@ import torch
 from .._checks import check_positive_int
 from ..routers import Routing
 
-__all__ = ["DispatchMetadata", "dispatch_metadata"]
+__all__ = ["DispatchMetadata", "dispatch_metadata", "sorted_kept_slots"]
 
 
 @dataclass
@@ -134,3 +134,20 @@ def dispatch_metadata(routing: Routing, block_m: int = 1) -> DispatchMetadata:
         block_expert=block_expert,
         slot_row=slot_row,
     )
+
+
+def sorted_kept_slots(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpadded part of ``dispatch_metadata`` only: ``(slots [M], counts [E])``.
+
+    ``slots`` holds the ``M`` kept slots sorted by expert (stable: token order inside an
+    expert), ``counts`` the kept slots per expert, so ``slots[offsets[e]:offsets[e+1]]``
+    belong to expert ``e``. The torch path needs nothing else, and on the CPU the few
+    operations this saves are a noticeable share of a small layer's time.
+    """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moe_utils.Routing, got {type(routing).__name__}")
+    E = routing.num_experts
+    key = torch.where(routing.kept, routing.indices, E).reshape(-1)  # dropped slots sort last
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=E + 1)[:E]
+    return order[: routing.indices.numel() - int((~routing.kept).sum())], counts

@@ -2,8 +2,8 @@
 
 Three steps (the same as the Triton path, with torch doing each one):
 
-1. sort: ``dispatch_metadata`` orders the kept slots by expert, so expert ``e`` owns
-   rows ``offsets[e]:offsets[e+1]`` of the gathered input ``xs = x[sorted_slots // k]``;
+1. sort: ``sorted_kept_slots`` orders the kept slots by expert, so expert ``e`` owns
+   rows ``offsets[e]:offsets[e+1]`` of the gathered input ``xs = x[slots // k]``;
 2. experts: one matmul per expert and matrix on its contiguous row range, inside a
    custom ``autograd.Function`` (``GroupedExperts``) whose backward writes every
    expert's weight gradient into *one* preallocated ``[E, d, f]`` buffer;
@@ -14,7 +14,8 @@ Three steps (the same as the Triton path, with torch doing each one):
 Why the custom Function: in the loop reference ``x @ w1[e]`` indexes the stacked
 weight inside autograd, and the backward of that indexing allocates a zero ``[E, d, f]``
 gradient per expert and matrix, then adds them up: ``E`` full-size buffers where one
-suffices.
+suffices. The Function also keeps the activation ``a = act(h1, h3)`` from the forward
+(one ``[M, f]`` buffer) instead of recomputing it per expert in the backward.
 
 The split sizes are read back to the host (``counts.tolist()``) to slice the rows,
 which is free on CPU; on a GPU the Triton path avoids it.
@@ -26,7 +27,7 @@ import torch
 
 from ..experts import ExpertBank, expert_activation
 from ..routers import Routing
-from .metadata import dispatch_metadata
+from .metadata import sorted_kept_slots
 
 __all__ = ["GroupedExperts", "moe_ffn_torch"]
 
@@ -51,55 +52,51 @@ class GroupedExperts(torch.autograd.Function):
         f = w1.shape[2]
         h1 = xs.new_empty(M, f)
         h3 = xs.new_empty(M, f) if kind == "swiglu" else None
-        ys = xs.new_empty(M, w2.shape[2])
+        ranges = []
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            torch.mm(xs[rows], w1[e], out=h1[rows])  # [n, d] @ [d, f]
-            if h3 is not None:
-                torch.mm(xs[rows], w3[e], out=h3[rows])
-            a = expert_activation(kind, h1[rows], h3[rows] if h3 is not None else None)
-            torch.mm(a, w2[e], out=ys[rows])  # [n, f] @ [f, d]
-            start += n
-        ctx.counts, ctx.kind = counts, kind
-        ctx.save_for_backward(xs, w1, w3, w2, h1, h3)
+            if n:
+                rows = slice(start, start + n)
+                ranges.append((e, rows))
+                torch.mm(xs[rows], w1[e], out=h1[rows])  # [n, d] @ [d, f]
+                if h3 is not None:
+                    torch.mm(xs[rows], w3[e], out=h3[rows])
+                start += n
+        a = expert_activation(kind, h1, h3)  # [M, f], all rows at once
+        ys = xs.new_empty(M, w2.shape[2])
+        for e, rows in ranges:
+            torch.mm(a[rows], w2[e], out=ys[rows])  # [n, f] @ [f, d]
+        ctx.ranges, ctx.kind, ctx.num_experts = ranges, kind, len(counts)
+        ctx.save_for_backward(xs, w1, w3, w2, h1, h3, a)
         return ys
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        xs, w1, w3, w2, h1, h3 = ctx.saved_tensors
-        kind, counts = ctx.kind, ctx.counts
+        xs, w1, w3, w2, h1, h3, a = ctx.saved_tensors
+        kind, ranges = ctx.kind, ctx.ranges
         gy = gy.contiguous()
-        # one buffer per stacked weight; experts without tokens keep a zero gradient
-        gw1 = torch.zeros_like(w1)
-        gw3 = torch.zeros_like(w3) if w3 is not None else None
-        gw2 = torch.zeros_like(w2)
+        # one buffer per stacked weight; only experts without tokens need zeros
+        used = {e for e, _ in ranges}
+        idle = [e for e in range(ctx.num_experts) if e not in used]
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        gw3 = torch.empty_like(w3) if w3 is not None else None
+        for g in (gw1, gw2, gw3):
+            if g is not None and idle:
+                g[idle] = 0
         ga = torch.empty_like(h1)  # gradient of the activation a = act(h1[, h3])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(gy[rows], w2[e].t(), out=ga[rows])  # dA = dY W2^T
-                start += n
+        for e, rows in ranges:
+            torch.mm(gy[rows], w2[e].t(), out=ga[rows])  # dA = dY W2^T
+            torch.mm(a[rows].t(), gy[rows], out=gw2[e])  # dW2 = A^T dY
         gh1, gh3 = _activation_backward(kind, ga, h1, h3)  # all rows at once
         gxs = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
+        for e, rows in ranges:
             x_e = xs[rows]
-            a = expert_activation(kind, h1[rows], h3[rows] if h3 is not None else None)
-            torch.mm(a.t(), gy[rows], out=gw2[e])  # dW2 = A^T dY
             torch.mm(x_e.t(), gh1[rows], out=gw1[e])  # dW1 = X^T dH1
             torch.mm(gh1[rows], w1[e].t(), out=gxs[rows])  # dX = dH1 W1^T (+ dH3 W3^T)
             if gh3 is not None:
                 torch.mm(x_e.t(), gh3[rows], out=gw3[e])
                 gxs[rows].addmm_(gh3[rows], w3[e].t())
-            start += n
         return gxs, None, None, gw1, gw3, gw2
 
 
@@ -108,12 +105,13 @@ def moe_ffn_torch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> tor
     ``x``, the expert weights and ``routing.weights``. Inputs are checked by ``moe_ffn``."""
     T, k = routing.indices.shape
     d = x.shape[1]
-    meta = dispatch_metadata(routing, block_m=1)
-    counts = meta.counts.tolist()  # host read: fine on CPU, see the module docstring
-    M = sum(counts)
-    slots = meta.sorted_slots[:M]  # valid slots, grouped by expert
-    xs = x.index_select(0, slots // k)  # [M, d] gather (one copy)
-    ys = GroupedExperts.apply(xs, counts, experts.kind, experts.w1, experts.w3, experts.w2)
-    y_slots = ys.new_zeros(T * k, d).index_copy(0, slots, ys)  # slot order; dropped rows stay 0
+    slots, counts = sorted_kept_slots(routing)  # kept slots, grouped by expert
+    xs = x.index_select(0, slots // k if k > 1 else slots)  # [M, d] gather (one copy)
+    ys = GroupedExperts.apply(xs, counts.tolist(), experts.kind, experts.w1, experts.w3, experts.w2)
     w = routing.weights.to(x.dtype)
-    return (y_slots.view(T, k, d) * w.unsqueeze(-1)).sum(1)  # combine: sum over k, no atomics
+    if k == 1 and slots.numel() == T:  # nothing dropped, one choice: scatter straight to tokens
+        return ys.new_empty(T, d).index_copy(0, slots, ys) * w
+    y_slots = ys.new_zeros(T * k, d).index_copy(0, slots, ys)  # slot order; dropped rows stay 0
+    if k == 1:
+        return y_slots * w
+    return torch.bmm(w.unsqueeze(1), y_slots.view(T, k, d)).squeeze(1)  # combine: sum_j w[t, j] y[t, j], no atomics

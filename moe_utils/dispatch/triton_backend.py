@@ -63,17 +63,22 @@ def grouped_gemm(a, b, meta: DispatchMetadata, cfg: dict, *, out, b2=None, pre=(
     ``transpose_b``); out: [T * k, N] (``scatter``) or [P, N]; pre: outputs for the
     pre-activations (SwiGLU/GELU backward); scale: [T * k] routing weights.
     """
-    sb = (b.stride(0), b.stride(2), b.stride(1)) if transpose_b else (b.stride(0), b.stride(1), b.stride(2))
+    def strides(t):  # (expert, shared dim K, output dim N) strides of a weight stack
+        return (t.stride(0), t.stride(2), t.stride(1)) if transpose_b else (t.stride(0), t.stride(1), t.stride(2))
+
+    b2 = b if b2 is None else b2
+    if b2.shape != b.shape:
+        raise ValueError(f"b2 must have the shape of b {tuple(b.shape)}, got {tuple(b2.shape)}")
     Kdim, N = a.shape[1], out.shape[1]
     grid = (meta.num_blocks, triton_cdiv(N, cfg["BLOCK_N"]))
     if meta.num_blocks == 0 or N == 0:
         return out
     K.grouped_gemm_kernel[grid](
-        a, b, b2 if b2 is not None else b, out,
+        a, b, b2, out,
         pre[0] if pre[0] is not None else out, pre[1] if pre[1] is not None else out,
         meta.padded_slots, meta.block_expert, scale if scale is not None else out,
         meta.num_slots, Kdim, N,
-        a.stride(0), a.stride(1), *sb, out.stride(0), out.stride(1),
+        a.stride(0), a.stride(1), *strides(b), *strides(b2), out.stride(0), out.stride(1),
         GATHER=gather, SCATTER=scatter, TOPK=meta.k, ACT=act, SAVE_PRE=pre[0] is not None,
         SCALE=scale is not None, ACCUMULATE=accumulate, **_consts(a.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
@@ -159,15 +164,14 @@ class TritonMoEFunction(torch.autograd.Function):
 
 def moe_ffn_triton(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:
     """The Triton MoE FFN. x: [T, d] -> y: [T, d]. Inputs are checked by ``moe_ffn``."""
-    for name in ("w1", "w3", "w2"):
-        p = getattr(experts, name)
-        if p is not None and (p.dtype != x.dtype or p.device != x.device):
-            raise TypeError(
-                f"experts.{name} is {p.dtype} on {p.device} but x is {x.dtype} on {x.device}; "
-                "cast the experts (experts.to(x.dtype)) or x"
-            )
     if x.dtype == torch.float64 and x.is_cuda:
         raise TypeError("backend='triton' on CUDA supports float32, float16 and bfloat16, got float64")
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        # Triton's interpreter computes bfloat16 tl.dot wrongly (no error, wrong numbers)
+        raise TypeError(
+            "backend='triton' on the CPU (Triton's interpreter) cannot compute in bfloat16: its bfloat16 "
+            "matrix products are wrong; use float32 or float16 there, or backend='torch'"
+        )
     cfg = block_config(x.shape[0] * routing.k, experts.num_experts, experts.d_ff, x.dtype, x.is_cuda)
     meta = dispatch_metadata(routing, block_m=cfg["BLOCK_M"])
     w = routing.weights.to(x.dtype)

@@ -12,7 +12,8 @@ Compile-time switches (``tl.constexpr``, so each combination compiles to its own
   otherwise A is already in the padded layout (read row ``r``).
 * ``SCATTER``: write C's row to ``slot`` (slot order ``[T * k, N]``); otherwise to ``r``.
 * ``ACT``: 0 none; 1 GELU (exact, erf); 2 SwiGLU, a second accumulator for ``A @ B2[e]``
-  and the epilogue ``silu(acc) * acc2``. ``SAVE_PRE`` also stores the pre-activations
+  and the epilogue ``silu(acc) * acc2``. B and B2 each come with their own strides, so
+  ``w1`` and ``w3`` may have different memory layouts. ``SAVE_PRE`` also stores the pre-activations
   (``acc`` to ``C2``, ``acc2`` to ``C3``), which the backward needs.
 * ``SCALE``: multiply each row by its routing weight ``scale[slot]``.
 * ``ACCUMULATE``: ``C += ...`` instead of ``C = ...`` (each program owns its tile: no race).
@@ -56,7 +57,8 @@ def grouped_gemm_kernel(
     a_ptr, b_ptr, b2_ptr, c_ptr, c2_ptr, c3_ptr,  # A rows, B[E, K, N], B2 (SwiGLU), C, C2/C3 (pre-activations)
     rows_ptr, block_expert_ptr, scale_ptr,  # padded_slots [P], block_expert [P / BLOCK_M], routing weights [T * k]
     num_slots, K, N,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_b2e, stride_b2k, stride_b2n,
+    stride_cm, stride_cn,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr,
     SAVE_PRE: tl.constexpr, SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
     ACC_TYPE: tl.constexpr, IEEE: tl.constexpr,
@@ -77,6 +79,8 @@ def grouped_gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     b_offs = e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn  # [BLOCK_K, BLOCK_N]
+    # B2 has strides of its own: w1 and w3 may be stored in different layouts
+    b2_offs = e.to(tl.int64) * stride_b2e + ks[:, None] * stride_b2k + cols[None, :] * stride_b2n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_TYPE)
     for k0 in range(0, K, BLOCK_K):  # march along the shared dimension
@@ -85,9 +89,10 @@ def grouped_gemm_kernel(
         b_mask = k_ok[:, None] & (cols[None, :] < N)
         acc = _dot(a, tl.load(b_ptr + b_offs, mask=b_mask, other=0.0), acc, IEEE)
         if ACT == 2:  # SwiGLU: the up projection shares the loaded A tile
-            acc2 = _dot(a, tl.load(b2_ptr + b_offs, mask=b_mask, other=0.0), acc2, IEEE)
+            acc2 = _dot(a, tl.load(b2_ptr + b2_offs, mask=b_mask, other=0.0), acc2, IEEE)
         a_ptrs += BLOCK_K * stride_ak
         b_offs += BLOCK_K * stride_bk
+        b2_offs += BLOCK_K * stride_b2k
     # epilogue, still in registers: activation, routing weight, store
     if ACT == 1:
         out = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
