@@ -2,7 +2,7 @@
 
 One module per idea: ``experts``, ``routers``, ``capacity``, ``losses``,
 ``dispatch``, ``layers``, ``accounting``. Conventions follow the course's
-MOE_REFERENCE page; each docstring says which one it implements.
+conventions page, docs/conventions.md; each docstring says which one it implements.
 """
 
 from .accounting import ModelConfig, ParameterCount, count_parameters, flops_per_token

@@ -9,10 +9,16 @@ matrices are counted, as Mistral AI's 12.9B figure does).
 Presets (architecture numbers from the released config or the paper):
 
 * ``MIXTRAL_8X7B``: Mixtral 8x7B ``config.json`` -> 46,702,792,704 total and
-  12,879,925,248 active (MOE_REFERENCE.md).
-* ``SWITCH_BASE_128``: Switch-Base with 128 experts (Fedus et al. 2022, built on
-  T5-Base: encoder-decoder, ReLU FFN, MoE in every other FFN, tied embeddings);
-  the paper reports 7.4B parameters.
+  12,879,925,248 active (docs/conventions.md).
+* ``SWITCH_BASE_128``: Switch-Base with 128 experts (Fedus et al. 2022, Table 9: T5-Base
+  encoder-decoder, 12 + 12 layers, d 768, gated-GELU experts with d_ff 2048, MoE in every
+  other FFN, tied embeddings). Table 9 rounds it to "7B"; Tables 7 and 8 give 7.4B
+  (7410M). The Hugging Face release uses ReLU experts with d_ff 3072 instead, which has
+  the same parameter count (3 * 768 * 2048 = 2 * 768 * 3072).
+* ``SWITCH_C``: Switch-C (Fedus et al. 2022, Table 9: d 2080, d_ff 6144, 32 heads of 64,
+  15 + 15 layers, 2048 experts in *every* FFN, plain two-matrix experts since Table 9
+  marks no GEGLU for it); reported 1571B parameters ("1.6 trillion"). The paper gives no
+  active count; one encoder token touches about 0.6B parameters, a decoder token 0.9B.
 * ``GLAM_64B_64E``: GLaM 64B/64E (Du et al. 2022, Table 4: 64 layers, d 8192,
   FFN 32768, 128 heads of 128, 64 experts top-2 in every other layer, gated-GELU
   dense FFNs); the paper reports 1.2T total and 96.6B activated.
@@ -35,6 +41,7 @@ __all__ = [
     "flops_per_token",
     "MIXTRAL_8X7B",
     "SWITCH_BASE_128",
+    "SWITCH_C",
     "GLAM_64B_64E",
     "PRESETS",
 ]
@@ -189,13 +196,30 @@ SWITCH_BASE_128 = ModelConfig(
     n_encoder_layers=12,
     n_heads=12,
     head_dim=64,
-    d_ff=3072,
+    d_ff=2048,
     num_experts=128,
     top_k=1,
-    ffn_kind="relu",
+    ffn_kind="geglu",
     moe_every=2,
     tied_embeddings=True,
-    source="Fedus et al. 2022, Switch Transformers, Table 9 (T5-Base backbone); reported 7.4B",
+    source="Fedus et al. 2022, Switch Transformers, Table 9 (architecture, '7B'); Tables 7-8 report 7.4B",
+)
+
+SWITCH_C = ModelConfig(
+    name="Switch-C",
+    vocab_size=32128,
+    d_model=2080,
+    n_layers=15,
+    n_encoder_layers=15,
+    n_heads=32,
+    head_dim=64,
+    d_ff=6144,
+    num_experts=2048,
+    top_k=1,
+    ffn_kind="relu",
+    moe_every=1,
+    tied_embeddings=True,
+    source="Fedus et al. 2022, Switch Transformers, Table 9; reported 1571B parameters, 2048 experts",
 )
 
 GLAM_64B_64E = ModelConfig(
@@ -215,4 +239,4 @@ GLAM_64B_64E = ModelConfig(
     source="Du et al. 2022, GLaM, Table 4; reported 1.2T total, 96.6B activated",
 )
 
-PRESETS = {c.name: c for c in (MIXTRAL_8X7B, SWITCH_BASE_128, GLAM_64B_64E)}
+PRESETS = {c.name: c for c in (MIXTRAL_8X7B, SWITCH_BASE_128, SWITCH_C, GLAM_64B_64E)}

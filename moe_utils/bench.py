@@ -1,6 +1,6 @@
 """The dispatch benchmark: ``python -m moe_utils.bench [--quick] [--device cpu|cuda]``.
 
-GPU protocol (DESIGN.md, "Benchmark protocol"): Mixtral layer shapes (d 4096, f 14336,
+GPU protocol (benchmarks/README.md): Mixtral layer shapes (d 4096, f 14336,
 E 8, k 2, SwiGLU) at T in {128, 512, 2048, 4096, 16384} and Switch-Base shapes (d 768,
 f 2048, E 8 and 128, k 1, GELU), bf16, routings uniform / balanced / Zipf / one-hot,
 ``triton.testing.do_bench`` medians, forward and forward+backward separately. Reported:
@@ -10,7 +10,10 @@ and the speed-up of the Triton path over the loop reference, the torch path and
 
 CPU mode (runs anywhere): the course shape (T 4096, d 256, f 512, E 8, k 2, SwiGLU) and
 a many-small-experts shape, float32, uniform routing; reference loop, torch path and a
-dense FFN with the same active FLOPs, timed with ``time.perf_counter`` medians.
+dense FFN with the same active FLOPs, timed with ``time.perf_counter`` medians. Then the
+training step of notebook 07's dense, Switch and Mixtral-style language models (one
+thread each, as ``train_many`` runs them), with the target that an MoE step takes at
+most 1.15 times the dense step.
 
 Results go to ``benchmarks/results/<device>.json`` and a plot to ``benchmarks/<device>.png``.
 Targets are stored in the JSON as ratios next to what was measured; nothing here asserts.
@@ -34,10 +37,11 @@ from .dispatch import moe_ffn
 from .experts import ExpertBank
 from .routers import Routing
 
-__all__ = ["make_routing", "dense_ffn_fn", "run_cpu", "run_gpu", "device_slug", "load_results", "plot_results", "main"]
+__all__ = ["make_routing", "dense_ffn_fn", "run_cpu", "run_lm_steps", "run_gpu", "device_slug", "load_results", "plot_results", "main"]
 
 ROUTINGS = ("uniform", "balanced", "zipf", "one_hot")
-CPU_TARGETS = {"fwd_bwd_speedup_torch_vs_reference": 2.0, "moe_time_over_dense_time_max": 1.5}
+CPU_TARGETS = {"fwd_bwd_speedup_torch_vs_reference": 2.0, "moe_time_over_dense_time_max": 1.5,
+               "lm_step_moe_over_dense_max": 1.15}
 
 
 def make_routing(mode: str, T: int, E: int, k: int, device="cpu", seed: int = 0) -> Routing:
@@ -150,6 +154,57 @@ def run_cpu(shapes=None, repeats: int = 5, backends=("reference", "torch"), seed
     return rows
 
 
+def run_lm_steps(repeats: int = 7, steps: int = 20, ffns=("dense", "switch", "mixtral")) -> dict:
+    """Milliseconds per training step of notebook 07's language models, one thread each.
+
+    The same step as ``moe_utils.train.train`` (forward, cross-entropy plus router losses,
+    backward, gradient clipping, AdamW) at ``COURSE_MODEL`` size, batch 16. The models are
+    timed in turns, ``steps`` steps per turn, and each model's fastest turn of ``repeats``
+    is kept (other work on the machine only ever adds time). Returns ``{"ms_per_step": {...},
+    "time_over_dense": {...}}``; all three models spend the same FFN FLOPs per token.
+    """
+    from .data import corpus_tokens, get_batch
+    from .model import LMConfig, TinyLM
+    from .train import COURSE_MODEL, COURSE_TRAINING, TrainConfig, _make_optimizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = corpus_tokens()
+        tc = TrainConfig(seed=0, **COURSE_TRAINING)
+        state = {}
+        for ffn in ffns:
+            torch.manual_seed(0)
+            model = TinyLM(LMConfig(ffn=ffn, **COURSE_MODEL))
+            state[ffn] = (model, _make_optimizer(model, tc), torch.Generator().manual_seed(0))
+
+        def run(ffn, n):
+            model, opt, gen = state[ffn]
+            for _ in range(n):
+                x, y = get_batch(data.train, tc.batch_size, model.config.seq_len, gen)
+                out = model(x, y)
+                opt.zero_grad(set_to_none=True)
+                (out.loss + out.aux_loss + out.z_loss).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+
+        best = {ffn: float("inf") for ffn in ffns}
+        for ffn in ffns:
+            run(ffn, 5)  # warm-up
+        for _ in range(repeats):
+            for ffn in ffns:
+                t0 = time.perf_counter()
+                run(ffn, steps)
+                best[ffn] = min(best[ffn], (time.perf_counter() - t0) / steps * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    out = {"ms_per_step": {k: round(v, 3) for k, v in best.items()}, "batch_tokens": tc.batch_size * COURSE_MODEL["seq_len"],
+           "model": dict(COURSE_MODEL), "threads": 1, "protocol": f"fastest of {repeats} turns of {steps} steps"}
+    if "dense" in best:
+        out["time_over_dense"] = {k: round(v / best["dense"], 3) for k, v in best.items()}
+    return out
+
+
 def _grouped_mm_fn(x, routing, bank):
     """A forward of the MoE FFN with ``torch._grouped_mm`` on expert-sorted rows (sorted once)."""
     T, k = routing.indices.shape
@@ -168,7 +223,7 @@ def _grouped_mm_fn(x, routing, bank):
 
 
 def run_gpu(quick: bool = False, seed: int = 0) -> list[dict]:
-    """The DESIGN.md protocol on the current CUDA device (bf16). Not yet run by the course team."""
+    """The GPU protocol of benchmarks/README.md on the current CUDA device (bf16)."""
     from triton.testing import do_bench
 
     dt, dev = torch.bfloat16, "cuda"
@@ -286,11 +341,12 @@ def plot_results(data: dict, axes=None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark the batched MoE dispatch (see DESIGN.md).")
+    parser = argparse.ArgumentParser(description="Benchmark the batched MoE dispatch (see benchmarks/README.md).")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--out", default="benchmarks", help="folder for results/<device>.json and <device>.png")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-lm", action="store_true", help="CPU: skip the language-model training-step timing")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -330,6 +386,13 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"{r['name']:>12} {r['backend']:>9}: fwd {r['fwd_ms']:8.1f} ms  fwd+bwd {r['fwd_bwd_ms']:8.1f} ms  "
                   f"x dense {r['fwd_bwd_time_over_dense']:.2f}", flush=True)
+        if not args.no_lm:
+            lm = run_lm_steps(repeats=3 if args.quick else 7)
+            meta["lm_training_step"] = lm
+            worst = max(v for k, v in lm["time_over_dense"].items() if k != "dense")
+            meta.setdefault("targets_met", {})["lm_step_moe_over_dense_max"] = worst <= CPU_TARGETS["lm_step_moe_over_dense_max"]
+            print("LM training step (notebook 07 size, 1 thread): "
+                  + ", ".join(f"{k} {v:.2f} ms (x{lm['time_over_dense'][k]:.2f})" for k, v in lm["ms_per_step"].items()))
     out = Path(args.out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     data = {**meta, "results": rows}

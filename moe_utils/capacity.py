@@ -1,6 +1,6 @@
 """Expert capacity and position-order token dropping (the Switch convention).
 
-One convention, used everywhere in the course (MOE_REFERENCE.md, "Capacity and
+One convention, used everywhere in the course (docs/conventions.md, "Capacity and
 dropping"):
 
 * ``C = max(min_capacity, floor(capacity_factor * k * T / E))``. With ``k = 1`` this

@@ -6,7 +6,7 @@ Two expert kinds appear in the course:
   used by the Switch-style layers. Biases are off by default so that an expert
   and a row of an ``ExpertBank`` compute exactly the same function.
 * ``SwiGLU``: ``W2 (silu(W1 x) * (W3 x))`` with no biases, the Mixtral expert
-  (MOE_REFERENCE.md, "Mixtral block").
+  (docs/conventions.md, "Experts and the Mixtral block").
 
 ``ExpertBank`` stores E experts as *stacked* weights, one parameter per matrix
 (``w1: [E, d, f]``, ``w3: [E, d, f]``, ``w2: [E, f, d]``), never one parameter per

@@ -2,7 +2,7 @@
 
 ``MoELayer`` returns only the FFN part; the Transformer block adds the residual,
 so a token whose assignments were all dropped by capacity leaves the block as
-``x + 0`` (MOE_REFERENCE.md, "Capacity and dropping").
+``x + 0`` (docs/conventions.md, "Capacity and dropping").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Auxiliary losses for MoE routers.
 
-Conventions (MOE_REFERENCE.md, "Load-balancing loss"):
+Conventions (docs/conventions.md, "Load-balancing losses"):
 
 * ``switch_load_balancing_loss``: ``alpha * E * sum_i f_i * P_i`` (Switch
   Transformer eq. 4), the course default, alpha = 1e-2. ``f_i`` counts top-1

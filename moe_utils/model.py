@@ -171,14 +171,17 @@ def _make_ffn(cfg: LMConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block; returns ``(x, moe_output or None)``."""
+    """Pre-norm Transformer block; returns ``(x, moe_output or None)``.
 
-    def __init__(self, cfg: LMConfig):
+    ``with_ffn=False`` leaves the FFN as a placeholder for ``TinyLM`` to fill in later
+    (see ``TinyLM`` on why the FFNs are initialised last)."""
+
+    def __init__(self, cfg: LMConfig, with_ffn: bool = True):
         super().__init__()
         self.norm1 = RMSNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads)
         self.norm2 = RMSNorm(cfg.d_model)
-        self.ffn = _make_ffn(cfg)
+        self.ffn = _make_ffn(cfg) if with_ffn else nn.Identity()
 
     def forward(self, x: torch.Tensor):
         x = x + self.attn(self.norm1(x))
@@ -190,7 +193,14 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """Decoder-only byte-level LM. ``forward(idx [B, S], targets [B, S] | None) -> LMOutput``."""
+    """Decoder-only byte-level LM. ``forward(idx [B, S], targets [B, S] | None) -> LMOutput``.
+
+    Paired initialisation: the embeddings, attention and norms are drawn from the random
+    generator first and the FFNs last, so a dense and an MoE model built after the same
+    ``torch.manual_seed`` start with *identical* weights everywhere except the FFNs. With
+    the same batches (same seed in ``train``), the only difference between two runs is
+    the FFN, which makes the dense-vs-MoE comparison of notebook 07 a paired one.
+    """
 
     def __init__(self, config: LMConfig):
         super().__init__()
@@ -199,10 +209,12 @@ class TinyLM(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, with_ffn=False) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
+        for block in self.blocks:  # last: only these draws differ between dense and MoE models
+            block.ffn = _make_ffn(config)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

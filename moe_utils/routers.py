@@ -1,6 +1,6 @@
 """Routers: map hidden states ``x: [T, d]`` to a ``Routing`` record.
 
-Conventions (MOE_REFERENCE.md, "Router"):
+Conventions (docs/conventions.md, "Router"):
 
 * Logits ``h = x @ W_r`` (no bias) are computed in float32 even when the model
   runs in bf16 ("selective precision", Switch Transformer Table 2); float64 inputs

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,12 @@ __all__ = [
     "TrainResult",
     "lr_at",
     "evaluate",
+    "evaluate_stream",
     "train",
+    "train_many",
+    "course_run",
+    "COURSE_MODEL",
+    "COURSE_TRAINING",
     "load_or_train",
     "save_trained",
     "trained_model_path",
@@ -60,6 +66,9 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
+# bump when a change to the model or the training code changes what a run computes, so that
+# load_or_train never returns a model trained by older code (2: paired initialisation)
+TRAINING_CODE_VERSION = 3  # 3: val_full
 
 
 @dataclass
@@ -101,17 +110,27 @@ class TrainResult:
     """The trained model, its configs and the history (plain lists, JSON-friendly).
 
     history keys: ``step``, ``loss`` (cross-entropy), ``aux_loss``, ``z_loss``, ``lr``,
-    ``routing`` (per step: one ``routing_stats`` dict per MoE layer), ``val_step``, ``val_loss``.
+    ``routing`` (per step: one ``routing_stats`` dict per MoE layer), ``val_step``, ``val_loss``
+    (on ``eval_batches`` fixed windows), and after the last step ``val_full`` (the whole
+    validation split, ``evaluate_stream``).
     """
 
     model: TinyLM
     config: LMConfig
     train_config: TrainConfig
     history: dict = field(default_factory=dict)
+    seconds: float | None = None  # wall-clock training time, when this process trained it
 
     @property
     def final_val_loss(self) -> float:
+        """Validation loss at the last step, on the ``eval_batches`` fixed windows (the curves' points)."""
         return self.history["val_loss"][-1]
+
+    @property
+    def full_val_loss(self) -> float:
+        """Validation loss after training on the *whole* validation split (``evaluate_stream``):
+        the number to compare models with."""
+        return self.history["val_full"]
 
 
 def _empty_history() -> dict:
@@ -138,6 +157,35 @@ def evaluate(model: TinyLM, batches: list[tuple[torch.Tensor, torch.Tensor]], de
     finally:
         model.train(was_training)
     return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate_stream(model: TinyLM, stream: torch.Tensor, batch_size: int = 64, device: str = "cpu") -> float:
+    """Mean next-token cross-entropy (nats) over a whole token stream, in eval mode.
+
+    The stream is cut into consecutive, non-overlapping windows of ``seq_len`` tokens (the
+    last partial window is dropped), every target predicted once; the mean is over tokens.
+    On the course's validation split that is about 60,000 predictions, enough for a
+    comparison of two models not to depend on which few windows were drawn.
+    """
+    if not isinstance(stream, torch.Tensor) or stream.dim() != 1 or stream.is_floating_point():
+        raise TypeError("stream must be a 1-D integer tensor of token ids")
+    check_positive_int("batch_size", batch_size)
+    S = model.config.seq_len
+    n = (stream.numel() - 1) // S
+    if n == 0:
+        raise ValueError(f"stream must hold at least seq_len + 1 = {S + 1} tokens, got {stream.numel()}")
+    xs, ys = stream[: n * S].view(n, S), stream[1 : n * S + 1].view(n, S)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for i in range(0, n, batch_size):
+            x, y = xs[i : i + batch_size].to(device), ys[i : i + batch_size].to(device)
+            total += float(model(x, y).loss) * y.numel()
+    finally:
+        model.train(was_training)
+    return total / (n * S)
 
 
 def _make_optimizer(model: TinyLM, tc: TrainConfig) -> torch.optim.AdamW:
@@ -291,7 +339,28 @@ def train(
         if callback is not None:
             callback(step, record)
     bar.close()
+    if history["step"] and history["step"][-1] == tc.steps and "val_full" not in history:
+        history["val_full"] = evaluate_stream(model, data.validation, device=device)
     return TrainResult(model, config, tc, history)
+
+
+# ----------------------------------------------------------------------------- the course's runs
+
+# The model and training settings of notebook 07. Notebooks 08 and 09 build on the same runs
+# (``course_run`` + ``load_or_train`` or ``train_many`` find them in the cache), and
+# ``python -m moe_utils.bench`` times a training step at this size.
+COURSE_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "seq_len": 64, "d_ff": 128, "num_experts": 8}
+COURSE_TRAINING = {"steps": 1500, "batch_size": 16, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
+                   "eval_batches": 8}
+
+
+def course_run(ffn: str, seed: int = 0, *, steps: int | None = None, **model_options) -> tuple[LMConfig, TrainConfig]:
+    """``(LMConfig, TrainConfig)`` of notebook 07's run of ``ffn`` ("dense", "switch", "mixtral")
+    with ``seed``; ``model_options`` change model fields (``aux_loss_coef=0.0``...), ``steps``
+    the number of steps."""
+    config = LMConfig(ffn=ffn, **{**COURSE_MODEL, **model_options})
+    training = {**COURSE_TRAINING, **({} if steps is None else {"steps": steps})}
+    return config, TrainConfig(seed=seed, **training)
 
 
 # ----------------------------------------------------------------------------- cache of trained models
@@ -299,7 +368,8 @@ def train(
 
 def _cache_key(config: LMConfig, tc: TrainConfig) -> str:
     blob = json.dumps(
-        {"model": config.to_dict(), "train": asdict(tc), "corpus": CORPUS_VERSION, "py": sys.version_info[:2]},
+        {"model": config.to_dict(), "train": asdict(tc), "corpus": CORPUS_VERSION, "py": sys.version_info[:2],
+         "code": TRAINING_CODE_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -312,7 +382,7 @@ def trained_model_path(config: LMConfig, train_config: TrainConfig, cache: str |
 
 def load_or_train(
     config: LMConfig,
-    steps: int,
+    steps: int | TrainConfig,
     seed: int = 0,
     *,
     cache: str | os.PathLike | None = None,
@@ -326,10 +396,16 @@ def load_or_train(
     version and the Python minor version (which fixes the stdlib text). The first
     call trains and stores ``{model, configs, history}`` atomically; later calls load
     it in a second. ``retrain=True`` trains again and overwrites the stored copy.
-    ``train_options`` are further ``TrainConfig`` fields (``batch_size``, ``lr``...).
+    ``train_options`` are further ``TrainConfig`` fields (``batch_size``, ``lr``...);
+    or pass a whole ``TrainConfig`` as ``steps``: ``load_or_train(*course_run("switch"))``.
     """
     if not isinstance(config, LMConfig):
         raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
+    if isinstance(steps, TrainConfig):
+        if train_options or seed != 0:
+            raise TypeError("with a TrainConfig as steps, give no seed or further training options")
+        train_options = {k: v for k, v in asdict(steps).items() if k not in ("steps", "seed")}
+        steps, seed = steps.steps, steps.seed
     unknown = set(train_options) - set(TrainConfig.__dataclass_fields__) - {"steps", "seed"}
     if unknown:
         raise TypeError(
@@ -338,13 +414,17 @@ def load_or_train(
     tc = TrainConfig(steps=steps, seed=seed, **train_options)
     path = trained_model_path(config, tc, cache)
     if path.exists() and not retrain:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = TinyLM(config)
-        model.load_state_dict(state["model"])
-        return TrainResult(model, config, tc, state["history"])
+        return _load_trained(path, config, tc)
     result = train(config, tc, progress=progress)
     save_trained(result, cache)
     return result
+
+
+def _load_trained(path: Path, config: LMConfig, tc: TrainConfig) -> TrainResult:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = TinyLM(config)
+    model.load_state_dict(state["model"])
+    return TrainResult(model, config, tc, state["history"])
 
 
 def save_trained(result: TrainResult, cache: str | os.PathLike | None = None) -> Path:
@@ -361,6 +441,95 @@ def save_trained(result: TrainResult, cache: str | os.PathLike | None = None) ->
         "history": result.history,
     }
     return save_checkpoint(trained_model_path(result.config, result.train_config, cache), state)
+
+
+# ----------------------------------------------------------------------------- several runs at once
+
+
+def _train_job(config: LMConfig, tc: TrainConfig, data: CorpusTokens | None) -> tuple[dict, dict, float]:
+    """One run in a worker process: (state_dict, history, seconds). One thread per process,
+    so a run computes exactly what ``train`` computes with ``torch.set_num_threads(1)``."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = train(config, tc, data, progress=False)
+    return result.model.state_dict(), result.history, time.perf_counter() - start
+
+
+def train_many(
+    jobs: dict,
+    data: CorpusTokens | None = None,
+    *,
+    workers: int | None = None,
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    device: str = "cpu",
+    report: Callable[[str], None] | None = print,
+) -> dict:
+    """Train several models at once, one single-threaded process per CPU core.
+
+    jobs:      ``{name: (LMConfig, TrainConfig)}``; returns ``{name: TrainResult}`` in the same order
+    data:      token streams (default: the embedded corpus); a custom corpus is never cached
+    workers:   processes at a time (default: one per CPU core, at most one per job)
+    use_cache: load runs that ``load_or_train`` stored before, and store new ones there
+    device:    ``"cuda"`` trains the jobs one after another in this process instead
+    report:    called with one line per finished run (name, steps, seconds, validation loss)
+
+    Tiny models are too small for several threads to help one run, but independent runs
+    share the cores perfectly: on 2 cores, two runs take the time of one. Each run uses
+    one thread, so its numbers do not depend on ``workers`` or on the number of cores
+    (``tests/test_train.py`` checks that it equals ``train`` in this process, bit for bit).
+    """
+    if not isinstance(jobs, dict) or not jobs:
+        raise TypeError("jobs must be a non-empty dict {name: (LMConfig, TrainConfig)}")
+    for name, job in jobs.items():
+        if not (isinstance(job, tuple) and len(job) == 2 and isinstance(job[0], LMConfig)
+                and isinstance(job[1], TrainConfig)):
+            raise TypeError(f"jobs[{name!r}] must be a tuple (LMConfig, TrainConfig), got {job!r}")
+    if workers is not None:
+        check_positive_int("workers", workers)
+    cacheable = use_cache and data is None
+    results: dict = {}
+    todo = {}
+    for name, (config, tc) in jobs.items():
+        path = trained_model_path(config, tc, cache)
+        if cacheable and path.exists():
+            results[name] = _load_trained(path, config, tc)
+            if report is not None:
+                report(f"{name}: loaded from the cache, validation loss {results[name].final_val_loss:.3f}")
+        else:
+            todo[name] = (config, tc)
+
+    def finish(name, state, history, seconds):
+        config, tc = todo[name]
+        model = TinyLM(config)
+        model.load_state_dict(state)
+        results[name] = TrainResult(model.to(device), config, tc, history, seconds)
+        if cacheable:
+            save_trained(results[name], cache)
+        if report is not None:
+            report(f"{name}: {tc.steps} steps in {seconds:.0f} s, validation loss {results[name].final_val_loss:.3f}")
+
+    if device != "cpu" or len(todo) <= 1 or (workers or 2) == 1:
+        for name, (config, tc) in todo.items():
+            start = time.perf_counter()
+            r = train(config, tc, data, progress=False, device=device)
+            finish(name, r.model.state_dict(), r.history, time.perf_counter() - start)
+    elif todo:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        n = min(workers or os.cpu_count() or 1, len(todo))
+        # spawn: works from a Jupyter kernel and with torch's thread pools already running
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_job, config, tc, data): name for name, (config, tc) in todo.items()}
+            for fut in as_completed(futures):
+                name = futures[fut]
+                try:
+                    state, history, seconds = fut.result()
+                except Exception as err:
+                    raise RuntimeError(f"training job {name!r} failed in its worker process: {err}") from err
+                finish(name, state, history, seconds)
+    return {name: results[name] for name in jobs}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,7 +1,8 @@
-"""The MOE_REFERENCE.md test vectors (float64), shared by the moe_utils unit tests.
+"""The test vectors of docs/conventions.md (float64), shared by the moe_utils unit tests.
 
 One routing group, T = 6 tokens, E = 3 experts. The values below are copied from the
-reference page, not from a run of moe_utils.
+conventions page, not from a run of moe_utils; tests/test_conventions.py checks
+that the page, this file and an independent float64 computation agree.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def _mixtral_by_hand():
 
 
 def test_mixtral_hand_derivation_reproduces_published_numbers():
-    # guards the test's own arithmetic: MOE_REFERENCE.md states both figures
+    # guards the test's own arithmetic: docs/conventions.md states both figures
     total, active, _ = _mixtral_by_hand()
     assert total == 46_702_792_704
     assert active == 12_879_925_248

@@ -1,4 +1,4 @@
-"""Expert capacity and position-order dropping (the Switch convention of MOE_REFERENCE.md)."""
+"""Expert capacity and position-order dropping (the Switch convention of docs/conventions.md)."""
 
 from __future__ import annotations
 

@@ -32,3 +32,11 @@ def test_cpu_bench_rows_have_ratios_and_a_file_safe_device_name():
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["fwd_bwd_time_over_dense"] > 0
     slug = device_slug("cpu")
     assert slug.startswith("cpu") and all(c.isalnum() or c == "-" for c in slug)
+
+
+def test_lm_step_timing_reports_every_model_and_its_ratio_to_dense():
+    from moe_utils.bench import run_lm_steps
+
+    out = run_lm_steps(repeats=1, steps=2)
+    assert set(out["ms_per_step"]) == {"dense", "switch", "mixtral"} and out["time_over_dense"]["dense"] == 1.0
+    assert all(v > 0 for v in out["ms_per_step"].values())

@@ -1,4 +1,4 @@
-"""Auxiliary losses: the MOE_REFERENCE.md test vectors and the conventions' invariants."""
+"""Auxiliary losses: the test vectors of docs/conventions.md and the conventions' invariants."""
 
 from __future__ import annotations
 

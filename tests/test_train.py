@@ -168,3 +168,61 @@ def test_monitor_metrics_on_known_loads():
     s = monitor.routing_stats(r)
     assert s["tokens_per_expert"] == [3, 1, 0, 0] and s["dead_experts"] == 2 and s["dropped_fraction"] == 0.0
     assert s["router_entropy"] is None
+
+
+def test_train_many_in_worker_processes_equals_train_here_bit_for_bit(data, tmp_path):
+    jobs = {
+        "switch": (LMConfig(ffn="switch", **TINY), tc(steps=6, eval_every=3)),
+        "dense": (LMConfig(ffn="dense", **TINY), tc(steps=6, eval_every=3, seed=1)),
+    }
+    lines = []
+    got = T.train_many(jobs, data, workers=2, report=lines.append)
+    assert list(got) == ["switch", "dense"] and len(lines) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each worker uses
+    try:
+        for name, (cfg, t) in jobs.items():
+            want = T.train(cfg, t, data, progress=False)
+            assert got[name].history["loss"] == want.history["loss"]
+            for (k, a), b in zip(got[name].model.state_dict().items(), want.model.state_dict().values()):
+                assert torch.equal(a, b), k
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_train_many_uses_the_cache_and_rejects_bad_jobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_CACHE", str(tmp_path))
+    cfg, t = LMConfig(ffn="dense", **TINY), tc(steps=3, eval_every=3)
+    stored = T.TrainResult(T.TinyLM(cfg), cfg, t, {"val_loss": [9.0], "val_step": [3]})
+    T.save_trained(stored)  # pretend an earlier run trained it
+    lines = []
+    got = T.train_many({"a": (cfg, t)}, report=lines.append)
+    assert got["a"].final_val_loss == 9.0 and "loaded from the cache" in lines[0]
+    with pytest.raises(TypeError, match="jobs"):
+        T.train_many([(cfg, t)])
+    with pytest.raises(TypeError, match=r"jobs\['b'\]"):
+        T.train_many({"b": cfg})
+    with pytest.raises(ValueError, match="workers"):
+        T.train_many({"a": (cfg, t)}, workers=0)
+
+
+def test_evaluate_stream_is_the_mean_over_every_window_of_the_stream(data):
+    torch.manual_seed(0)
+    model = T.TinyLM(LMConfig(ffn="mixtral", **TINY))
+    stream = data.validation[:32 * 7 + 5]  # 7 full windows of 32, and 4 tokens left over
+    got = T.evaluate_stream(model, stream, batch_size=3)  # batches of 3, 3 and 1 windows
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(7):
+            x, y = stream[i * 32:(i + 1) * 32], stream[i * 32 + 1:(i + 1) * 32 + 1]
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), -1)
+            losses += [-logp[t, y[t]].item() for t in range(32)]
+    assert got == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    with pytest.raises(ValueError, match="seq_len"):
+        T.evaluate_stream(model, stream[:10])
+
+
+def test_a_finished_run_records_the_full_validation_loss(data):
+    r = T.train(LMConfig(ffn="dense", **TINY), tc(steps=4, eval_every=2), data, progress=False)
+    assert r.full_val_loss == pytest.approx(T.evaluate_stream(r.model, data.validation), rel=1e-6)

@@ -44,29 +44,32 @@ class GroupedExperts(torch.autograd.Function):
 
     xs: [M, d] rows sorted by expert; counts: list of E ints (rows per expert);
     w1, w3: [E, d, f] (w3 None for GELU experts); w2: [E, f, d]  ->  ys: [M, d]
+
+    ``split`` and ``unbind`` cut the row blocks and the per-expert weights into views in
+    one call each, so the per-expert loops below do nothing but matrix products.
     """
 
     @staticmethod
     def forward(ctx, xs, counts, kind, w1, w3, w2):
         M = xs.shape[0]
         f = w1.shape[2]
+        used = [e for e, n in enumerate(counts) if n]
         h1 = xs.new_empty(M, f)
         h3 = xs.new_empty(M, f) if kind == "swiglu" else None
-        ranges = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                ranges.append((e, rows))
-                torch.mm(xs[rows], w1[e], out=h1[rows])  # [n, d] @ [d, f]
-                if h3 is not None:
-                    torch.mm(xs[rows], w3[e], out=h3[rows])
-                start += n
+        x_e, h1_e = xs.split(counts), h1.split(counts)
+        w1_e = w1.unbind(0)
+        for e in used:
+            torch.mm(x_e[e], w1_e[e], out=h1_e[e])  # [n, d] @ [d, f]
+        if h3 is not None:
+            h3_e, w3_e = h3.split(counts), w3.unbind(0)
+            for e in used:
+                torch.mm(x_e[e], w3_e[e], out=h3_e[e])
         a = expert_activation(kind, h1, h3)  # [M, f], all rows at once
         ys = xs.new_empty(M, w2.shape[2])
-        for e, rows in ranges:
-            torch.mm(a[rows], w2[e], out=ys[rows])  # [n, f] @ [f, d]
-        ctx.ranges, ctx.kind, ctx.num_experts = ranges, kind, len(counts)
+        a_e, ys_e, w2_e = a.split(counts), ys.split(counts), w2.unbind(0)
+        for e in used:
+            torch.mm(a_e[e], w2_e[e], out=ys_e[e])  # [n, f] @ [f, d]
+        ctx.counts, ctx.used, ctx.kind = counts, used, kind
         ctx.save_for_backward(xs, w1, w3, w2, h1, h3, a)
         return ys
 
@@ -74,29 +77,33 @@ class GroupedExperts(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         xs, w1, w3, w2, h1, h3, a = ctx.saved_tensors
-        kind, ranges = ctx.kind, ctx.ranges
+        kind, counts, used = ctx.kind, ctx.counts, ctx.used
         gy = gy.contiguous()
         # one buffer per stacked weight; only experts without tokens need zeros
-        used = {e for e, _ in ranges}
-        idle = [e for e in range(ctx.num_experts) if e not in used]
+        idle = [e for e in range(len(counts)) if not counts[e]]
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         gw3 = torch.empty_like(w3) if w3 is not None else None
         for g in (gw1, gw2, gw3):
             if g is not None and idle:
                 g[idle] = 0
         ga = torch.empty_like(h1)  # gradient of the activation a = act(h1[, h3])
-        for e, rows in ranges:
-            torch.mm(gy[rows], w2[e].t(), out=ga[rows])  # dA = dY W2^T
-            torch.mm(a[rows].t(), gy[rows], out=gw2[e])  # dW2 = A^T dY
+        gy_e, ga_e, a_e = gy.split(counts), ga.split(counts), a.split(counts)
+        w2_e, gw2_e = w2.unbind(0), gw2.unbind(0)
+        for e in used:
+            torch.mm(gy_e[e], w2_e[e].t(), out=ga_e[e])  # dA = dY W2^T
+            torch.mm(a_e[e].t(), gy_e[e], out=gw2_e[e])  # dW2 = A^T dY
         gh1, gh3 = _activation_backward(kind, ga, h1, h3)  # all rows at once
         gxs = torch.empty_like(xs)
-        for e, rows in ranges:
-            x_e = xs[rows]
-            torch.mm(x_e.t(), gh1[rows], out=gw1[e])  # dW1 = X^T dH1
-            torch.mm(gh1[rows], w1[e].t(), out=gxs[rows])  # dX = dH1 W1^T (+ dH3 W3^T)
-            if gh3 is not None:
-                torch.mm(x_e.t(), gh3[rows], out=gw3[e])
-                gxs[rows].addmm_(gh3[rows], w3[e].t())
+        x_e, gx_e, gh1_e = xs.split(counts), gxs.split(counts), gh1.split(counts)
+        w1_e, gw1_e = w1.unbind(0), gw1.unbind(0)
+        for e in used:
+            torch.mm(x_e[e].t(), gh1_e[e], out=gw1_e[e])  # dW1 = X^T dH1
+            torch.mm(gh1_e[e], w1_e[e].t(), out=gx_e[e])  # dX = dH1 W1^T (+ dH3 W3^T)
+        if gh3 is not None:
+            gh3_e, w3_e, gw3_e = gh3.split(counts), w3.unbind(0), gw3.unbind(0)
+            for e in used:
+                torch.mm(x_e[e].t(), gh3_e[e], out=gw3_e[e])
+                gx_e[e].addmm_(gh3_e[e], w3_e[e].t())
         return gxs, None, None, gw1, gw3, gw2
 
 
@@ -114,4 +121,4 @@ def moe_ffn_torch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> tor
     y_slots = ys.new_zeros(T * k, d).index_copy(0, slots, ys)  # slot order; dropped rows stay 0
     if k == 1:
         return y_slots * w
-    return torch.bmm(w.unsqueeze(1), y_slots.view(T, k, d)).squeeze(1)  # combine: sum_j w[t, j] y[t, j], no atomics
+    return (y_slots.view(T, k, d) * w.unsqueeze(-1)).sum(1)  # combine: sum_j w[t, j] y[t, j], no atomics
