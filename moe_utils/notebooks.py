@@ -21,7 +21,7 @@ import time
 
 import torch
 
-__all__ = ["setup", "compare", "execute_notebook"]
+__all__ = ["setup", "compare", "execute_notebook", "kernelspec"]
 
 
 def setup(seed: int = 0, threads: int | None = None) -> str:
@@ -86,8 +86,24 @@ def execute_notebook(path: str, timeout: int = 600) -> float:
     elapsed = time.perf_counter() - start
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+    nb.metadata["kernelspec"] = kernelspec()
     nbformat.write(nb, path)
     return elapsed
+
+
+def kernelspec() -> dict:
+    """The ``kernelspec`` notebook metadata exactly as JupyterLab writes it for the course's
+    ``python3`` kernel. Storing anything else (an older display name, say) makes JupyterLab
+    rewrite it when the notebook opens, which marks the notebook as changed before anything
+    ran and makes it ask to save on close."""
+    name = "Python 3 (ipykernel)"
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        name = KernelSpecManager().get_kernel_spec("python3").display_name
+    except Exception:  # no Jupyter installed: the name ipykernel >= 6 registers
+        pass
+    return {"display_name": name, "language": "python", "name": "python3"}
 
 
 def main(argv: list[str] | None = None) -> int:
