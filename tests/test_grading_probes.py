@@ -39,6 +39,8 @@ from moe_utils.grading import EXERCISES, WorkerPool, grade_folder, grade_noteboo
 from moe_utils.grading.grader import write_csv
 
 EX01, EX02, EX03, EX05 = "ex01_router_topk", "ex02_balance_losses", "ex03_switch_capacity", "ex05_dispatch_metadata"
+# "auto" uses bubblewrap where it works; MOE_GRADING_TEST_SANDBOX=none runs the probes without it
+SANDBOX = os.environ.get("MOE_GRADING_TEST_SANDBOX", "auto")
 
 
 def _full(exercise: str) -> dict[str, float]:
@@ -51,7 +53,7 @@ def _total(exercise: str) -> float:
 
 @pytest.fixture(scope="module")
 def pool():
-    with WorkerPool() as p:
+    with WorkerPool(sandbox=SANDBOX) as p:
         yield p
 
 
@@ -116,7 +118,7 @@ def test_probe_folder_sabotage_by_a_detached_process_holding_the_result_pipe(tmp
     write(subs / "a_saboteur", EX01, add_cell(student(EX01), _detached(_SABOTEUR, marker) + settle))
     for name, ex in (("b_alice", EX01), ("c_bob", EX03), ("d_carol", EX05)):
         write(subs / name, ex, master(ex))
-    reports = {r.student: r for r in grade_folder(subs, timeout=5.0)}
+    reports = {r.student: r for r in grade_folder(subs, timeout=5.0, sandbox=SANDBOX)}
     assert {s: reports[s].score for s in ("b_alice", "c_bob", "d_carol")} == {
         "b_alice": _total(EX01), "c_bob": _total(EX03), "d_carol": _total(EX05)}, {
         s: [q.message for q in r.questions if q.status != "pass"] for s, r in reports.items()}
@@ -280,7 +282,7 @@ def test_probe_detached_process_rewrites_the_json_report_after_the_grader_exits(
             pass
         """)
     write(tmp_path, EX01, add_cell(student(EX01), _detached(rewriter, marker)))
-    proc = cli("grade", f"{EX01}.ipynb", "--json", "r.json", cwd=tmp_path)
+    proc = cli("grade", f"{EX01}.ipynb", "--json", "r.json", "--sandbox", SANDBOX, cwd=tmp_path)
     assert proc.returncode in (0, 3), proc.stderr[-2000:]
     time.sleep(1.5)
     assert json.loads(report_path.read_text())["score"] == 0
@@ -315,10 +317,10 @@ def test_probe_submission_appends_code_to_the_graders_source(tmp_path):
                 pass
         """)
     write(tmp_path / "one", EX03, add_cell(student(EX03), attack))
-    cli("grade", "one", "--csv", "one.csv", cwd=tmp_path, env=env)
+    cli("grade", "one", "--csv", "one.csv", "--sandbox", SANDBOX, cwd=tmp_path, env=env)
     assert target.read_bytes() == before, "the submission changed the grader's source"
     write(tmp_path / "two", EX03, student(EX03))
-    cli("grade", "two", "--csv", "two.csv", cwd=tmp_path, env=env)
+    cli("grade", "two", "--csv", "two.csv", "--sandbox", SANDBOX, cwd=tmp_path, env=env)
     rows = list(csv.DictReader((tmp_path / "two.csv").open()))
     assert float(rows[0]["total"]) == 0
 
@@ -337,7 +339,7 @@ def test_probe_in_place_rewrite_of_the_graders_source_is_reported(tmp_path):
         """)
     write(tmp_path / "subs" / "mallory", EX03, add_cell(student(EX03), attack))
     write(tmp_path / "subs" / "alice", EX03, master(EX03))
-    proc = cli("grade", "subs", "--csv", "g.csv", cwd=tmp_path, env=env)
+    proc = cli("grade", "subs", "--csv", "g.csv", "--sandbox", SANDBOX, cwd=tmp_path, env=env)
     if target.read_bytes() == before:  # a sandbox (bubblewrap) stopped the write
         return
     assert proc.returncode == 3
@@ -354,7 +356,7 @@ def test_probe_killed_parent_costs_one_question_not_the_run(tmp_path):
     write(subs / "a_killer", EX01, killer)
     write(subs / "b_alice", EX01, master(EX01))
     write(subs / "c_bob", EX02, master(EX02))
-    reports = grade_folder(subs)
+    reports = grade_folder(subs, sandbox=SANDBOX)
     write_csv(reports, tmp_path / "grades.csv")
     rows = {r["student"]: r for r in csv.DictReader((tmp_path / "grades.csv").open())}
     assert float(rows["b_alice"]["total"]) == _total(EX01)
@@ -426,11 +428,12 @@ def test_probe_naive_log_sum_exp_overflows_in_float32(pool, tmp_path, naive):
 
 def test_probe_hang_at_load_time_costs_only_what_it_must(pool, tmp_path):
     nb = add_cell(master(EX02), "class Spin:\n    while True:\n        pass")
-    t0 = time.monotonic()
     report = grade_notebook(write(tmp_path, EX02, nb), timeout=2.0, pool=pool)
     assert points(report) == _full(EX02), [q.message for q in report.questions]
-    assert "Spin" in notes(report)
-    assert time.monotonic() - t0 < 2.0 * len(EXERCISES[EX02]), "the hang was paid once per question"
+    # skipped once, for every question (a question that hung again would be "not graded")
+    assert [e for e in report.load_errors if "Spin" in e] == ["cell 14: `class Spin:` did not finish within 2 s "
+                                                               "while loading: skipped (top-level code that should "
+                                                               "not run when grading)"]
 
 
 def test_probe_unreadable_notebook_without_exnn_in_its_name(tmp_path):
@@ -441,7 +444,7 @@ def test_probe_unreadable_notebook_without_exnn_in_its_name(tmp_path):
     broken = json.dumps(master(EX02)).replace('"cells": [', '"cells": [[', 1)
     (subs / "carol").mkdir()
     (subs / "carol" / "mywork.ipynb").write_text(broken)
-    reports = {r.student: r for r in grade_folder(subs)}
+    reports = {r.student: r for r in grade_folder(subs, sandbox=SANDBOX)}
     assert {s: (r.score, r.max_score) for s, r in reports.items()} == {
         "alice": (8, 8), "bob": (0, 8), "carol": (0, 8)}
     assert all(r.error for s, r in reports.items() if s != "alice")

@@ -17,6 +17,7 @@ from .grader import (
     DEFAULT_MAX_PRINT,
     DEFAULT_TIMEOUT,
     GUARD,
+    SANDBOX_HIDE,
     format_table,
     grade_folder,
     grade_notebook,
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     # of this user (a submission without a sandbox) from reading its memory
     not_dumpable()
     options = {"sandbox": args.sandbox, "memory_mb": args.memory_mb, "max_procs": args.max_procs, "seed": args.seed}
-    hide = [str(args.path.resolve() if args.path.is_dir() else args.path.resolve().parent), str(SOLUTIONS_DIR)]
+    hide = [str(args.path.resolve() if args.path.is_dir() else args.path.resolve().parent), *SANDBOX_HIDE]
     try:
         pool = WorkerPool(hide=hide, **options)
         with pool:

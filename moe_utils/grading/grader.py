@@ -56,6 +56,9 @@ DEFAULT_MAX_PRINT = 2000
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # moe_utils/
 REPO_DIR = PACKAGE_DIR.parent
 SOLUTIONS_DIR = REPO_DIR / "exercises" / "solutions"
+# what a sandbox hides from student processes besides the submissions: the masters, and
+# the grader itself (the references and the question bank)
+SANDBOX_HIDE = [str(SOLUTIONS_DIR), str(PACKAGE_DIR / "grading")]
 CHECK_NAMES = [f"check_{q.name}" for q in QUESTIONS]
 _MAX_SKIPPED = 3  # top-level statements that may hang before loading gives up
 
@@ -276,7 +279,7 @@ def grade_notebook(
     path = Path(path)
     own_pool = pool is None
     if own_pool:
-        pool = WorkerPool(hide=[str(path.resolve().parent), str(SOLUTIONS_DIR)])
+        pool = WorkerPool(hide=[str(path.resolve().parent), *SANDBOX_HIDE])
     try:
         return _grade(path, timeout, exercise, pool, max_print, display_base)
     finally:
@@ -424,7 +427,7 @@ def grade_folder(folder, timeout: float = DEFAULT_TIMEOUT, exercise: str | None 
     folder = Path(folder)
     reports = []
     own = pool is None
-    pool = pool or WorkerPool(hide=[str(folder.resolve()), str(SOLUTIONS_DIR)], **pool_options)
+    pool = pool or WorkerPool(hide=[str(folder.resolve()), *SANDBOX_HIDE], **pool_options)
     try:
         for path in find_notebooks(folder):
             rep = grade_notebook(path, timeout, exercise, pool, max_print, display_base=folder)
