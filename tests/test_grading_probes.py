@@ -450,6 +450,23 @@ def test_probe_unreadable_notebook_without_exnn_in_its_name(tmp_path):
     assert all(r.error for s, r in reports.items() if s != "alice")
 
 
+def test_probe_symlinks_and_pipes_in_the_submissions_folder(tmp_path):
+    # a symlink to the master must not earn its marks; a named pipe must not hang the grader
+    subs = tmp_path / "subs"
+    write(subs / "carol", EX01, master(EX01))
+    (subs / "alice").mkdir()
+    (subs / "alice" / f"{EX01}.ipynb").symlink_to(ROOT / "exercises" / "solutions" / f"{EX01}.ipynb")
+    (subs / "bob").symlink_to(subs / "carol", target_is_directory=True)
+    (subs / "dave").mkdir()
+    os.mkfifo(subs / "dave" / f"{EX01}.ipynb")
+    proc = cli("grade", "subs", "--csv", "grades.csv", "--sandbox", SANDBOX, cwd=tmp_path, timeout=120)
+    assert proc.returncode in (0, 3), proc.stderr[-2000:]
+    rows = {r["student"]: r for r in csv.DictReader((tmp_path / "grades.csv").open())}
+    assert {s: (r["total"], r["max"]) for s, r in rows.items()} == {
+        "alice": ("0", "8"), "carol": ("8", "8"), "dave": ("0", "8")}
+    assert "symbolic link" in rows["alice"]["problems"] and "regular file" in rows["dave"]["problems"]
+
+
 def test_probe_annotations_are_evaluated_like_a_top_to_bottom_run(pool, tmp_path):
     nb = mutate(EX01, {"router_logits": ("x: torch.Tensor, w_gate", "x: torch.Tensr, w_gate")})
     report = grade_notebook(write(tmp_path, EX01, nb), pool=pool)

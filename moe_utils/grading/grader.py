@@ -430,7 +430,11 @@ def grade_folder(folder, timeout: float = DEFAULT_TIMEOUT, exercise: str | None 
     pool = pool or WorkerPool(hide=[str(folder.resolve()), *SANDBOX_HIDE], **pool_options)
     try:
         for path in find_notebooks(folder):
-            rep = grade_notebook(path, timeout, exercise, pool, max_print, display_base=folder)
+            if _through_symlink(path, folder):
+                rep = _unread(path, folder, exercise, "is a symbolic link inside the submissions folder: not "
+                                                      "graded (it could point at someone else's work or a solution)")
+            else:
+                rep = grade_notebook(path, timeout, exercise, pool, max_print, display_base=folder)
             rep.student = _clean(student_of(path, folder), 200)
             reports.append(rep)
             if progress:
@@ -440,6 +444,25 @@ def grade_folder(folder, timeout: float = DEFAULT_TIMEOUT, exercise: str | None 
             pool.close()
     _settle_unknown_exercises(reports)
     return reports
+
+
+def _through_symlink(path: Path, folder: Path) -> bool:
+    """Whether reaching ``path`` from ``folder`` goes through a symbolic link."""
+    here = Path(folder)
+    for part in Path(path).relative_to(folder).parts:
+        here = here / part
+        if here.is_symlink():
+            return True
+    return False
+
+
+def _unread(path: Path, folder: Path, exercise: str | None, why: str) -> NotebookReport:
+    exercise = exercise or identify_exercise(path, {}, [])
+    rep = NotebookReport(_display_path(path, folder), exercise, error=why)
+    if exercise:
+        rep.max_score = float(sum(q.points for q in questions_for(exercise)))
+        rep.questions = [QuestionResult(q.name, 0, q.points, "not graded", why) for q in questions_for(exercise)]
+    return rep
 
 
 def _settle_unknown_exercises(reports: list[NotebookReport]) -> None:
