@@ -186,6 +186,17 @@ def test_reports_are_written_whole_and_leave_no_temporary_files(pool, tmp_path):
     ET.parse(tmp_path / "r.xml")
 
 
+def test_names_from_submissions_reach_reports_harmless(pool, tmp_path):
+    folder = tmp_path / "=HYPERLINK(1)"
+    path = write(folder, "ex01_\x1b[2Jrouter", master("ex01_router_topk"))
+    report = grade_notebook(path, pool=pool, display_base=tmp_path)
+    report.student = "=cmd|calc"
+    assert "\x1b" not in report.notebook and report.score == 8
+    write_csv([report], tmp_path / "g.csv")
+    row = next(csv.DictReader((tmp_path / "g.csv").open()))
+    assert row["student"] == "'=cmd|calc" and row["notebook"].startswith("'=HYPERLINK")
+
+
 def test_cli_grades_one_notebook_with_json_and_junit(tmp_path):
     nb = mutate("ex03_switch_capacity", {"expert_capacity": ("num_experts))", "num_experts) + 1)")})
     path = write(tmp_path, "ex03_switch_capacity", nb)

@@ -393,6 +393,7 @@ def _run_questions(report: NotebookReport, ex: Extraction, exercise: str, pool: 
 
 
 def _sanitise(report: NotebookReport) -> None:
+    report.notebook = _clean(report.notebook, 300)
     report.load_errors = [_clean(e, 600) for e in report.load_errors]
     report.flags = [_clean(f, 600) for f in report.flags[:60]]
     report.error = _clean(report.error, 1000) if report.error else report.error
@@ -507,6 +508,11 @@ def format_table(report: NotebookReport, verbose: bool = False) -> str:
     return "\n".join(out)
 
 
+def _cell(text: str) -> str:
+    """A CSV text cell a spreadsheet will not run as a formula (names come from submissions)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def _atomic_write(path, data: bytes) -> None:
     """Write a report file all at once: readers see the old file or the new one."""
     path = Path(path)
@@ -565,6 +571,7 @@ def write_csv(reports: list[NotebookReport], path) -> None:
         problems = [f"{q.name}: {q.status}: {_first_line(q.message, 120)}" for q in rep.questions if q.status != "pass"]
         if rep.error:
             problems.insert(0, rep.error)
-        w.writerow([rep.student, rep.notebook, rep.exercise or "", *[pts.get(n, "") for n in names],
-                    f"{rep.score:g}", f"{rep.max_score:g}", " | ".join(problems), " | ".join(rep.flags)])
+        text = [_cell(t) for t in (rep.student, rep.notebook, rep.exercise or "")]
+        w.writerow([*text, *[pts.get(n, "") for n in names], f"{rep.score:g}", f"{rep.max_score:g}",
+                    _cell(" | ".join(problems)), _cell(" | ".join(rep.flags))])
     _atomic_write(path, buf.getvalue().encode("utf-8"))
