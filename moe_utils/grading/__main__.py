@@ -1,6 +1,9 @@
 """Command line: ``python -m moe_utils.grading {build,grade,list} ...``.
 
 ``python -m moe_utils.grading NOTEBOOK`` (no sub-command) is short for ``grade NOTEBOOK``.
+Exit status of ``grade``: 0 when graded (whatever the scores), 2 for bad arguments,
+3 when a submission changed the grader's own files (its grade is void; restore the
+files before grading again).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from .build import EXERCISES_DIR, SOLUTIONS_DIR, build
 from .grader import (
     DEFAULT_MAX_PRINT,
     DEFAULT_TIMEOUT,
+    GUARD,
+    SANDBOX_HIDE,
     format_table,
     grade_folder,
     grade_notebook,
@@ -20,7 +25,9 @@ from .grader import (
     write_json,
     write_junit,
 )
-from .questions import EXERCISES
+from .pool import WorkerGone, WorkerPool
+from .questions import EXERCISE_INFO, EXERCISES
+from .worker import not_dumpable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,9 +45,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per question (default %(default)s)")
     g.add_argument("--exercise", choices=sorted(EXERCISES), help="grade as this exercise (default: from the notebook)")
     g.add_argument("--max-print", type=int, default=DEFAULT_MAX_PRINT, help="characters a function may print (default %(default)s)")
+    g.add_argument("--sandbox", choices=["auto", "bwrap", "none"], default="auto",
+                   help="run submissions in bubblewrap: auto (when installed, the default), bwrap (required), none")
+    g.add_argument("--memory-mb", type=int, default=1024, help="memory a question may use, MiB (default %(default)s)")
+    g.add_argument("--max-procs", type=int, default=32, help="processes a question may start (default %(default)s)")
+    g.add_argument("--seed", type=int, help="seed of the hidden cases (default: a fresh secret one per run)")
     g.add_argument("-v", "--verbose", action="store_true", help="show the full message of every failing question")
     sub.add_parser("list", help="list the exercises, questions and points")
     return p
+
+
+def _tampering(reports) -> bool:
+    """Say loudly which submission changed the grader's files; True if any did."""
+    bad = [r for r in reports if r.tampered]
+    late = GUARD.changed()  # after every student process ended, before any report is written
+    for r in bad:
+        who = r.student or r.notebook
+        print(f"WARNING: {who} changed the grader's own files ({', '.join(r.tampered[:5])}); its grade is void. "
+              "Restore the files (git checkout) before grading again.", file=sys.stderr)
+    if late:
+        print(f"WARNING: the grader's own files changed during this run ({', '.join(late[:5])}). "
+              "Restore them (git checkout) before grading again.", file=sys.stderr)
+    return bool(bad or late)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,38 +84,55 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if (args.check and stale) else 0
     if args.cmd == "list":
         for ex, qs in EXERCISES.items():
-            print(f"{ex}  ({sum(q.points for q in qs)} points)")
+            allowed = ", ".join(EXERCISE_INFO[ex].moe_utils_allowed) or "none"
+            print(f"{ex}  ({sum(q.points for q in qs)} points; moe_utils modules allowed: {allowed})")
             for q in qs:
                 print(f"  {q.points} pt  {q.signature}")
         return 0
     if not args.path.exists():
         print(f"error: {args.path} does not exist", file=sys.stderr)
         return 2
-    if args.path.is_dir():
-        def progress(rep):
-            print(f"{rep.student:<24} {rep.exercise or '?':<24} {rep.score:g}/{rep.max_score:g}  ({rep.seconds:.1f} s)", flush=True)
+    # the expected values and the hidden-case seed live in this process: keep other processes
+    # of this user (a submission without a sandbox) from reading its memory
+    not_dumpable()
+    options = {"sandbox": args.sandbox, "memory_mb": args.memory_mb, "max_procs": args.max_procs, "seed": args.seed}
+    hide = [str(args.path.resolve() if args.path.is_dir() else args.path.resolve().parent), *SANDBOX_HIDE]
+    try:
+        pool = WorkerPool(hide=hide, **options)
+        with pool:
+            if args.path.is_dir():
+                def progress(rep):
+                    print(f"{rep.student:<24} {rep.exercise or '?':<24} {rep.score:g}/{rep.max_score:g}  "
+                          f"({rep.seconds:.1f} s)", flush=True)
 
-        reports = grade_folder(args.path, args.timeout, args.exercise, args.max_print, progress=progress)
+                reports = grade_folder(args.path, args.timeout, args.exercise, args.max_print, progress=progress,
+                                       pool=pool)
+            else:
+                reports = [grade_notebook(args.path, args.timeout, args.exercise, pool, max_print=args.max_print)]
+                print(format_table(reports[0], verbose=args.verbose))
+    except (WorkerGone, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # every student process has ended here (the pool is closed): now the reports
+    tampered = _tampering(reports)
+    mode = reports[0].grading.get("sandbox", "") if reports else ""
+    if args.path.is_dir():
         if not reports:
             print(f"error: no notebooks under {args.path}", file=sys.stderr)
             return 2
         csv_path = args.csv or Path("grades.csv")
         write_csv(reports, csv_path)
-        print(f"{len(reports)} submissions graded; CSV: {csv_path}")
+        print(f"{len(reports)} submissions graded ({mode}); CSV: {csv_path}")
         if args.json:
             write_json(reports, args.json)
-        if args.junit:
-            write_junit(reports, args.junit)
-        return 0
-    report = grade_notebook(args.path, args.timeout, args.exercise, max_print=args.max_print)
-    print(format_table(report, verbose=args.verbose))
-    if args.json:
-        write_json(report, args.json)
+    else:
+        if args.json:
+            write_json(reports[0], args.json)
+        if args.csv:
+            write_csv(reports, args.csv)
     if args.junit:
-        write_junit(report, args.junit)
-    if args.csv:
-        write_csv([report], args.csv)
-    return 0
+        write_junit(reports if args.path.is_dir() else reports[0], args.junit)
+    return 3 if tampered else 0
 
 
 if __name__ == "__main__":

@@ -1,35 +1,45 @@
-"""Grade exercise notebooks: points per question, never crashing on student code.
+"""Grade exercise notebooks: points per question, decided in this process.
 
-``grade_notebook(path)`` extracts the definitions (``extract.py``), hands them to a
-worker child process (``worker.py``) and runs each question's public and hidden
-cases there under a time limit. An exception, a timeout, ``sys.exit``, a killed
-process, wrong shapes or dtypes, in-place edits of the inputs, too much printing,
-a syntax error or a missing function each cost that question's points, with a
-message, and grading goes on with the next question.
+``grade_notebook(path)`` extracts the definitions (``extract.py``, never running the
+notebook) and, for each question, has a fresh student process (``pool.py``,
+``worker.py``) load them and call the function on the question's cases. That
+process only returns outputs; this one holds the cases' expected values (the
+hidden cases are drawn from a secret seed here), checks that every case answered
+exactly once, compares (``runner.py``) and scores. An exception, a timeout,
+``sys.exit``, a killed process, wrong shapes or dtypes, in-place edits of the
+inputs, too much printing, a syntax error or a missing function each cost that
+question's points, with a message, and grading goes on with the next question.
+
+Reports are written after every student process has ended, each file atomically.
+The grader's own source files are hashed when it starts and checked after every
+submission and before any report is written: a submission that changed them is
+named, its grade voided, and the run exits with status 3.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import os
 import re
-import select
-import signal
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .extract import extract_definitions, read_notebook
-from .questions import EXERCISES, QUESTIONS, questions_for
+from .extract import Extraction, exercise_in_text, extract_definitions, read_notebook, scan
+from .pool import Outcome, WorkerGone, WorkerPool
+from .questions import EXERCISE_INFO, EXERCISES, QUESTIONS, dependency_source, questions_for
+from .runner import expected_output, judge_case
+from .spec import Case, Question
 
 __all__ = [
     "QuestionResult",
     "NotebookReport",
     "WorkerPool",
+    "SourceGuard",
     "grade_notebook",
     "grade_folder",
     "format_table",
@@ -37,16 +47,20 @@ __all__ = [
     "write_junit",
     "write_csv",
     "identify_exercise",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_MAX_PRINT",
 ]
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_PRINT = 2000
-_PKG_ROOT = str(Path(__file__).resolve().parents[2])
-# moe_utils functions that answer a question outright: importing one earns a note in the report
-_LIBRARY_ANSWERS = {q.name for q in QUESTIONS} | {
-    "*", "capacity_mask", "switch_load_balancing_loss", "topk_load_balancing_loss", "moe_ffn", "moe_ffn_reference",
-    "router_logits", "TopKRouter", "SwitchRouter", "SwiGLU", "ExpertBank", "MoELayer", "mixtral_layer", "switch_layer",
-}
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # moe_utils/
+REPO_DIR = PACKAGE_DIR.parent
+SOLUTIONS_DIR = REPO_DIR / "exercises" / "solutions"
+# what a sandbox hides from student processes besides the submissions: the masters, and
+# the grader itself (the references and the question bank)
+SANDBOX_HIDE = [str(SOLUTIONS_DIR), str(PACKAGE_DIR / "grading")]
+CHECK_NAMES = [f"check_{q.name}" for q in QUESTIONS]
+_MAX_SKIPPED = 3  # top-level statements that may hang before loading gives up
 
 
 @dataclass
@@ -70,152 +84,83 @@ class NotebookReport:
     max_score: float = 0.0
     questions: list[QuestionResult] = field(default_factory=list)
     load_errors: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # for the lecturer: course package use, suspicious code
     error: str | None = None
+    tampered: list[str] = field(default_factory=list)  # grader files the submission changed
     seconds: float = 0.0
+    grading: dict = field(default_factory=dict)  # sandbox mode, seed, notes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class WorkerGone(RuntimeError):
-    pass
+# -- the grader's own files ------------------------------------------------------------------
 
 
-class WorkerPool:
-    """One long-lived worker (torch imported once) that forks a child per notebook."""
+class SourceGuard:
+    """Hashes of the course package's source files, taken when the grader starts."""
 
-    def __init__(self, python: str | None = None, start_timeout: float = 180.0):
-        self.python = python or sys.executable
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.buf = b""
+    def __init__(self, root: Path = PACKAGE_DIR):
+        self.root = Path(root)
+        self.snapshot = self._hashes()
 
-    # -- process management -------------------------------------------------------
-    def _start(self) -> None:
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("OMP_NUM_THREADS", "1")
-        self.proc = subprocess.Popen(
-            [self.python, "-m", "moe_utils.grading.worker", str(cmd_r), str(res_w)],
-            pass_fds=(cmd_r, res_w),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env=env,
-        )
-        os.close(cmd_r)
-        os.close(res_w)
-        self.cmd_w, self.res_r, self.buf = cmd_w, res_r, b""
-        msg = self._recv(self.start_timeout, want=("zygote",))
-        if msg is None:
-            self.close()
-            raise WorkerGone("the grading worker did not start")
-
-    def ensure(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            self.close()
-            self._start()
-
-    def close(self) -> None:
-        if self.proc is not None:
+    def _hashes(self) -> dict[str, str]:
+        out = {}
+        for path in sorted(self.root.rglob("*.py")):
             try:
-                self._send({"op": "quit"})
-            except (OSError, WorkerGone):
-                pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                _killpg(self.proc.pid)
-                self.proc.wait()
-            for fd in (self.cmd_w, self.res_r):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.proc = None
+                out[path.relative_to(self.root.parent).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                out[path.relative_to(self.root.parent).as_posix()] = "unreadable"
+        return out
 
-    def __enter__(self) -> WorkerPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # -- messages -----------------------------------------------------------------
-    def _send(self, msg: dict) -> None:
-        data = (json.dumps(msg) + "\n").encode()
-        try:
-            while data:
-                n = os.write(self.cmd_w, data)
-                data = data[n:]
-        except (BrokenPipeError, OSError) as exc:
-            raise WorkerGone(f"the grading worker is gone ({exc})") from exc
-
-    def _recv(self, timeout: float | None, want: tuple[str, ...]) -> dict | None:
-        """The next message whose event is in ``want`` (None on timeout)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue  # blank separator, or a line cut short by a kill
-                if isinstance(msg, dict) and msg.get("event") in want:
-                    return msg
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
-            ready, _, _ = select.select([self.res_r], [], [], left)
-            if not ready:
-                return None
-            chunk = os.read(self.res_r, 1 << 16)
-            if not chunk:
-                raise WorkerGone("the grading worker exited")
-            self.buf += chunk
-
-    # -- children -----------------------------------------------------------------
-    def fork(self) -> int:
-        self.ensure()
-        self._send({"op": "fork"})
-        msg = self._recv(60.0, want=("ready", "exited"))
-        if msg is None or msg["event"] != "ready":
-            raise WorkerGone("the grading worker could not start a child process")
-        return int(msg["pid"])
-
-    def end_child(self, pid: int, kill: bool = False) -> int | None:
-        """Stop a child (politely, or by killing its process group); its exit code."""
-        if kill:
-            _killpg(pid)
-        else:
-            try:
-                self._send({"op": "end"})
-            except WorkerGone:
-                return None
-        msg = self._recv(10.0, want=("exited",))
-        if msg is None and not kill:
-            _killpg(pid)
-            msg = self._recv(10.0, want=("exited",))
-        if msg is None:  # the zygote itself is stuck: start over next time
-            self.close()
-            return None
-        return msg.get("code")
-
-    def request(self, msg: dict, timeout: float, want: tuple[str, ...]) -> dict | None:
-        self._send(msg)
-        return self._recv(timeout, want=want + ("exited",))
+    def changed(self) -> list[str]:
+        """Files changed, added or removed since the last check (then the new baseline)."""
+        now = self._hashes()
+        diff = sorted(k for k in set(now) | set(self.snapshot) if now.get(k) != self.snapshot.get(k))
+        self.snapshot = now
+        return diff
 
 
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+GUARD = SourceGuard()
+
+
+# -- what to run: per exercise and seed -------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    cases: dict[str, list[Case]]
+    expected: dict[str, list]
+    jobs: dict[str, dict]
+
+
+def _question_seed(seed: int, q: Question) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{q.qid}".encode()).digest()[:8], "big") >> 2
+
+
+def _plan(pool: WorkerPool, exercise: str) -> _Plan:
+    if exercise in pool.plans:
+        return pool.plans[exercise]
+    info = EXERCISE_INFO[exercise]
+    plan = _Plan({}, {}, {})
+    for q in info.questions:
+        cases = q.cases(hidden=True, seed=_question_seed(pool.seed, q))
+        if not cases:
+            raise ValueError(f"{q.qid} has no cases")
+        plan.cases[q.name] = cases
+        plan.expected[q.name] = [expected_output(q, c) for c in cases]
+        deps_source, deps = dependency_source(q)
+        plan.jobs[q.name] = {
+            "exercise": exercise, "question": q.name, "deps_source": deps_source, "deps": deps,
+            "moe_utils_allowed": list(info.moe_utils_allowed), "check_names": CHECK_NAMES,
+            "cases": [{"id": c.id, "args": tuple(c.args), "kwargs": dict(c.kwargs), "grad": list(c.grad),
+                       "grad_output": c.grad_output} for c in cases],
+        }
+    pool.plans[exercise] = plan
+    return plan
+
+
+# -- one notebook ------------------------------------------------------------------------------
 
 
 def identify_exercise(path: str | os.PathLike, metadata: dict | None, defined: list[str]) -> str | None:
@@ -250,25 +195,76 @@ def _display_path(path: Path, base: Path | None = None) -> str:
     return path.name
 
 
-def _summarise(q, msg: dict, max_print: int) -> QuestionResult:
-    cases = msg.get("cases", [])
-    printed = int(msg.get("printed", 0))
-    failed = [c for c in cases if not c["passed"]]
-    if msg.get("missing"):
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _clean(text, limit: int = 4000) -> str:
+    """Text from a student's process, safe for a terminal, CSV and XML."""
+    text = _CONTROL.sub("?", str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _signal_name(code) -> str:
+    import signal
+
+    try:
+        return signal.Signals(-int(code)).name
+    except (TypeError, ValueError):
+        return ""
+
+
+def _died(q: Question, out: Outcome, timeout: float, memory_mb: int) -> QuestionResult:
+    if out.status == "zygote_died":
+        msg = ("the grading process that ran this question was killed (did the code kill its parent process?); "
+               "the question is lost and grading went on")
+    elif out.reason:
+        msg = f"the code {out.reason}; they were all stopped"
+    else:
+        sig = _signal_name(out.code) if isinstance(out.code, int) and out.code < 0 else ""
+        why = {"SIGXCPU": f"it used more than its CPU time ({int(2 * timeout) + 2} s)",
+               "SIGKILL": f"it was killed (more than the {memory_mb} MiB of memory allowed?)",
+               "SIGSEGV": "a segmentation fault"}.get(sig, f"exit code {out.code}")
+        msg = (f"the process running `{q.name}` died ({why}); os._exit, a crash, or running out of memory?")
+    return QuestionResult(q.name, 0, q.points, "crashed", msg)
+
+
+def _judge(q: Question, plan: _Plan, result: dict, max_print: int) -> QuestionResult:
+    cases, expected = plan.cases[q.name], plan.expected[q.name]
+    if result.get("q") != q.name:
+        return QuestionResult(q.name, 0, q.points, "fail", "the answer was for another question")
+    if result.get("missing") is True:
         return QuestionResult(q.name, 0, q.points, "missing", f"no function named `{q.name}` was found")
+    answers = result.get("results")
+    if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
+        return QuestionResult(q.name, 0, q.points, "fail", "the answer was not a list of case results")
+    ids = [a.get("id") for a in answers]
+    want = [c.id for c in cases]
+    if not want or len(ids) != len(set(ids)) or sorted(map(str, ids)) != sorted(want):
+        missing = sorted(set(want) - set(map(str, ids)))
+        extra = sorted(set(map(str, ids)) - set(want))
+        return QuestionResult(q.name, 0, q.points, "fail",
+                              f"the answer was incomplete: {len(ids)} results for {len(want)} cases "
+                              f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    by_id = {a["id"]: a for a in answers}
+    verdicts = [judge_case(q, c, e, by_id[c.id]) for c, e in zip(cases, expected)]
+    stdout = str(result.get("stdout", ""))
+    printed = result.get("printed", 0)
+    printed = printed if isinstance(printed, int) else max_print + 1
+    failed = [v for v in verdicts if not v.passed]
+    dicts = [v.to_dict() for v in verdicts]
     if failed:
-        first = failed[0]
-        if all(c["message"].startswith("not implemented yet") for c in failed):
-            return QuestionResult(q.name, 0, q.points, "todo", "not implemented (raises NotImplementedError)", cases)
-        where = "public" if first["public"] else "hidden"
-        head, _, rest = first["message"].partition("\n")
-        text = f"{head}\n  case ({where}): {first['name']}; {len(failed)} of {len(cases)} cases fail"
+        if all(v.kind == "todo" for v in failed):
+            return QuestionResult(q.name, 0, q.points, "todo", "not implemented (raises NotImplementedError)", dicts)
+        first = next(v for v in failed if v.kind != "todo")
+        where = "public" if first.public else "hidden"
+        head, _, rest = first.message.partition("\n")
+        text = f"{head}\n  case ({where}): {first.name}; {len(failed)} of {len(verdicts)} cases fail"
         text += f"\n{rest}" if rest else ""
-        return QuestionResult(q.name, 0, q.points, "fail", text, cases, msg.get("stdout", ""))
+        return QuestionResult(q.name, 0, q.points, "fail", text, dicts, stdout)
     if printed > max_print:
         text = f"all cases agree, but the function printed {printed} characters (limit {max_print}); remove debugging prints"
-        return QuestionResult(q.name, 0, q.points, "fail", text, cases, msg.get("stdout", ""))
-    return QuestionResult(q.name, q.points, q.points, "pass", "", cases, msg.get("stdout", ""))
+        return QuestionResult(q.name, 0, q.points, "fail", text, dicts, stdout)
+    return QuestionResult(q.name, q.points, q.points, "pass", "", dicts, stdout)
 
 
 def grade_notebook(
@@ -279,95 +275,137 @@ def grade_notebook(
     max_print: int = DEFAULT_MAX_PRINT,
     display_base: Path | None = None,
 ) -> NotebookReport:
-    """Grade one notebook. ``timeout``: seconds per question (and for loading)."""
+    """Grade one notebook. ``timeout``: seconds per question, and for loading."""
+    path = Path(path)
     own_pool = pool is None
-    pool = pool or WorkerPool()
+    if own_pool:
+        pool = WorkerPool(hide=[str(path.resolve().parent), *SANDBOX_HIDE])
+    try:
+        return _grade(path, timeout, exercise, pool, max_print, display_base)
+    finally:
+        if own_pool:
+            pool.close()
+
+
+def _grade(path: Path, timeout: float, exercise: str | None, pool: WorkerPool, max_print: int,
+           display_base: Path | None) -> NotebookReport:
     try:
         pool.ensure()  # start-up (importing torch) is not the notebook's time
     except WorkerGone:
         pass  # retried, and reported per question, below
     start = time.monotonic()
-    path = Path(path)
-    shown = _display_path(path, display_base)
     nb, err = read_notebook(path)
     ex = extract_definitions(nb) if nb is not None else None
-    exercise = exercise or identify_exercise(path, ex.metadata if ex else {}, ex.defined if ex else [])
-    report = NotebookReport(shown, exercise)
+    if exercise is None:
+        exercise = identify_exercise(path, ex.metadata if ex else {}, ex.defined if ex else [])
+    if exercise is None and nb is None:
+        exercise = exercise_in_text(path, EXERCISES)
+    report = NotebookReport(_display_path(path, display_base), exercise)
+    report.grading = {"sandbox": pool.mode or "not started", "seed": pool.seed, "notes": list(pool.notes)}
     if exercise is None:
         report.error = err or "could not tell which exercise this is (no moe_course metadata, no exNN in the file name)"
-        report.seconds = round(time.monotonic() - start, 3)
-        if own_pool:
-            pool.close()
-        return report
-    qs = questions_for(exercise)
-    report.max_score = float(sum(q.points for q in qs))
-    if err is not None:
-        report.error = err
-        report.questions = [QuestionResult(q.name, 0, q.points, "not graded", err) for q in qs]
-        report.seconds = round(time.monotonic() - start, 3)
-        if own_pool:
-            pool.close()
-        return report
-    report.load_errors = [f"syntax error in {s}" for s in ex.syntax_errors]
-    borrowed = sorted(set(ex.library_imports) & _LIBRARY_ANSWERS)
-    if borrowed:
-        report.load_errors.append(f"imports course reference code from moe_utils: {', '.join(borrowed)} (check the work is the student's own)")
-    snippets = [{"cell": s.cell, "statements": s.statements} for s in ex.snippets]
-    child: int | None = None
-    load_failed: str | None = None
-    try:
-        for q in qs:
-            t0 = time.monotonic()
-            if load_failed:
-                report.questions.append(QuestionResult(q.name, 0, q.points, "not graded", load_failed))
-                continue
-            try:
-                if child is None:
-                    child = pool.fork()
-                    msg = pool.request(
-                        {"op": "load", "exercise": exercise, "snippets": snippets, "max_print": max_print},
-                        timeout, ("loaded",),
-                    )
-                    if msg is None or msg["event"] == "exited":
-                        why = "did not finish" if msg is None else "killed the grading process"
-                        load_failed = f"loading your definitions {why} (time limit {timeout:g} s): look for top-level code"
-                        if msg is None:
-                            pool.end_child(child, kill=True)
-                        child = None
-                        report.questions.append(QuestionResult(q.name, 0, q.points, "not graded", load_failed))
-                        continue
-                    for e in msg.get("errors", []):
-                        if e not in report.load_errors:
-                            report.load_errors.append(e)
-                msg = pool.request({"op": "run", "question": q.name}, timeout, ("result",))
-                if msg is None:
-                    pool.end_child(child, kill=True)
-                    child = None
-                    res = QuestionResult(q.name, 0, q.points, "timeout",
-                                         f"no answer within {timeout:g} s (an infinite loop, or far too slow); the process was stopped")
-                elif msg["event"] == "exited":
-                    child = None
-                    res = QuestionResult(q.name, 0, q.points, "crashed",
-                                         f"the grading process died while running `{q.name}` (exit code {msg.get('code')}); "
-                                         "os._exit, a segfault or running out of memory?")
-                else:
-                    res = _summarise(q, msg, max_print)
-                    if res.status == "missing" and ex.syntax_errors:
-                        res.message += " (a cell with a syntax error was skipped: " + "; ".join(ex.syntax_errors) + ")"
-            except WorkerGone as exc:
-                pool.close()
-                child = None
-                res = QuestionResult(q.name, 0, q.points, "crashed", f"the grading process failed: {exc}")
-            res.seconds = round(time.monotonic() - t0, 3)
-            report.questions.append(res)
-        if child is not None:
-            pool.end_child(child)
-    finally:
-        if own_pool:
-            pool.close()
-    report.score = float(sum(r.points for r in report.questions))
+    else:
+        report.max_score = float(sum(q.points for q in questions_for(exercise)))
+        if err is not None:
+            report.error = err
+            report.questions = [QuestionResult(q.name, 0, q.points, "not graded", err) for q in questions_for(exercise)]
+        else:
+            _run_questions(report, ex, exercise, pool, timeout, max_print, path)
+    report.tampered = GUARD.changed()
+    if report.tampered:
+        report.error = ("the submission changed the grader's own files (" + ", ".join(report.tampered[:5])
+                        + "): its grade is void; restore them (git checkout) before grading again")
+        for q in report.questions:
+            q.points = 0
+    report.score = float(sum(q.points for q in report.questions))
     report.seconds = round(time.monotonic() - start, 3)
+    _sanitise(report)
     return report
+
+
+def _run_questions(report: NotebookReport, ex: Extraction, exercise: str, pool: WorkerPool, timeout: float,
+                   max_print: int, path: Path) -> None:
+    qs = questions_for(exercise)
+    info = EXERCISE_INFO[exercise]
+    report.load_errors = [f"syntax error in {s}" for s in ex.syntax_errors]
+    report.flags = scan(ex, [q.name for q in qs], info.moe_utils_allowed)
+    plan = _plan(pool, exercise)
+    base = {"statements": ex.statements(), "cells": sorted(ex.cells.items()), "max_print": max_print,
+            "watch": [str(REPO_DIR), str(path.resolve().parent)]}
+    skip: list[int] = []
+    load_given_up = ""
+    for q in qs:
+        t0 = time.monotonic()
+        if load_given_up:
+            report.questions.append(QuestionResult(q.name, 0, q.points, "not graded", load_given_up))
+            continue
+        while True:
+            out = pool.run({**plan.jobs[q.name], **base, "skip": list(skip)}, timeout, timeout)
+            stuck = out.status in ("load_timeout", "died", "zygote_died") and out.loaded is None
+            if stuck and out.statement is not None and out.statement not in skip and len(skip) < _MAX_SKIPPED:
+                # a top-level statement hung or ended the process while loading: load again without it
+                skip.append(out.statement)
+                what = (f"did not finish within {timeout:g} s" if out.status == "load_timeout"
+                        else "ended the process")
+                report.load_errors.append(f"{ex.describe(out.statement)} {what} while loading: skipped "
+                                          "(top-level code that should not run when grading)")
+                continue
+            break
+        if out.loaded:
+            for e in out.loaded.get("errors", []) if isinstance(out.loaded.get("errors"), list) else []:
+                if str(e) not in report.load_errors:
+                    report.load_errors.append(str(e))
+        if out.status == "ok":
+            try:
+                res = _judge(q, plan, out.result, max_print)
+            except Exception as exc:  # noqa: BLE001 - an answer the grader cannot check is not a crash of the run
+                res = QuestionResult(q.name, 0, q.points, "not graded",
+                                     f"the grader could not check this answer ({type(exc).__name__}: {exc}); "
+                                     "please report it with the notebook")
+            runtime = out.result.get("runtime")
+            for note in runtime if isinstance(runtime, list) else []:
+                flag = f"at run time: {note}"
+                if flag not in report.flags:
+                    report.flags.append(flag)
+            if res.status == "missing" and ex.syntax_errors:
+                res.message += " (a cell with a syntax error was skipped: " + "; ".join(ex.syntax_errors) + ")"
+        elif out.loaded is None and out.status in ("load_timeout", "died", "zygote_died"):
+            load_given_up = (f"loading your definitions did not finish within {timeout:g} s" if out.status ==
+                             "load_timeout" else "loading your definitions ended the process")
+            load_given_up += ": look for top-level code"
+            res = QuestionResult(q.name, 0, q.points, "not graded", load_given_up)
+        elif out.status == "timeout":
+            res = QuestionResult(q.name, 0, q.points, "timeout",
+                                 f"no answer within {timeout:g} s (an infinite loop, or far too slow); the process was stopped")
+        elif out.status == "invalid":
+            res = QuestionResult(q.name, 0, q.points, "fail",
+                                 f"the student process's answer could not be used: {out.detail} (did the code write "
+                                 "to the grader's pipe?)")
+        else:
+            res = _died(q, out, timeout, pool.memory_mb)
+        if out.swept:
+            report.flags.append(f"while `{q.name}` ran: {out.swept} process(es) it started were still running "
+                                "when the question ended, and were killed")
+        res.seconds = round(time.monotonic() - t0, 3)
+        report.questions.append(res)
+    report.grading["sandbox"] = pool.mode
+    report.grading["notes"] = list(pool.notes)
+
+
+def _sanitise(report: NotebookReport) -> None:
+    report.notebook = _clean(report.notebook, 300)
+    report.load_errors = [_clean(e, 600) for e in report.load_errors]
+    report.flags = [_clean(f, 600) for f in report.flags[:60]]
+    report.error = _clean(report.error, 1000) if report.error else report.error
+    for q in report.questions:
+        q.message = _clean(q.message)
+        q.stdout = _clean(q.stdout)
+        for c in q.cases:
+            c["message"] = _clean(c.get("message", ""), 2000)
+            c["hint"] = _clean(c.get("hint", ""), 600)
+
+
+# -- a folder --------------------------------------------------------------------------------
 
 
 def find_notebooks(folder: Path) -> list[Path]:
@@ -384,20 +422,66 @@ def student_of(path: Path, folder: Path) -> str:
 
 
 def grade_folder(folder, timeout: float = DEFAULT_TIMEOUT, exercise: str | None = None,
-                 max_print: int = DEFAULT_MAX_PRINT, progress=None) -> list[NotebookReport]:
+                 max_print: int = DEFAULT_MAX_PRINT, progress=None, pool: WorkerPool | None = None,
+                 **pool_options) -> list[NotebookReport]:
+    """Grade every notebook under ``folder``. ``pool_options``: see ``WorkerPool``."""
     folder = Path(folder)
     reports = []
-    with WorkerPool() as pool:
+    own = pool is None
+    pool = pool or WorkerPool(hide=[str(folder.resolve()), *SANDBOX_HIDE], **pool_options)
+    try:
         for path in find_notebooks(folder):
-            rep = grade_notebook(path, timeout, exercise, pool, max_print, display_base=folder)
-            rep.student = student_of(path, folder)
+            if _through_symlink(path, folder):
+                rep = _unread(path, folder, exercise, "is a symbolic link inside the submissions folder: not "
+                                                      "graded (it could point at someone else's work or a solution)")
+            else:
+                rep = grade_notebook(path, timeout, exercise, pool, max_print, display_base=folder)
+            rep.student = _clean(student_of(path, folder), 200)
             reports.append(rep)
             if progress:
                 progress(rep)
+    finally:
+        if own:
+            pool.close()
+    _settle_unknown_exercises(reports)
     return reports
 
 
-# -- reports -------------------------------------------------------------------------
+def _through_symlink(path: Path, folder: Path) -> bool:
+    """Whether reaching ``path`` from ``folder`` goes through a symbolic link."""
+    here = Path(folder)
+    for part in Path(path).relative_to(folder).parts:
+        here = here / part
+        if here.is_symlink():
+            return True
+    return False
+
+
+def _unread(path: Path, folder: Path, exercise: str | None, why: str) -> NotebookReport:
+    exercise = exercise or identify_exercise(path, {}, [])
+    rep = NotebookReport(_display_path(path, folder), exercise, error=why)
+    if exercise:
+        rep.max_score = float(sum(q.points for q in questions_for(exercise)))
+        rep.questions = [QuestionResult(q.name, 0, q.points, "not graded", why) for q in questions_for(exercise)]
+    return rep
+
+
+def _settle_unknown_exercises(reports: list[NotebookReport]) -> None:
+    """An unreadable notebook without an exNN name is scored against the folder's exercise."""
+    known = {r.exercise for r in reports if r.exercise}
+    if len(known) != 1:
+        return
+    exercise = known.pop()
+    for rep in reports:
+        if rep.exercise is None:
+            rep.exercise = exercise
+            rep.max_score = float(sum(q.points for q in questions_for(exercise)))
+            why = rep.error or "could not tell which exercise this is"
+            rep.error = f"{why} (scored as {exercise}, the exercise of every other submission in the folder)"
+            rep.questions = [QuestionResult(q.name, 0, q.points, "not graded", why) for q in questions_for(exercise)]
+
+
+# -- reports ---------------------------------------------------------------------------------
 
 
 def _first_line(text: str, width: int = 90) -> str:
@@ -409,6 +493,8 @@ def format_table(report: NotebookReport, verbose: bool = False) -> str:
     out = [f"{report.notebook}  [{report.exercise or 'unknown exercise'}]"]
     if report.error:
         out.append(f"  error: {report.error}")
+    for f in report.flags:
+        out.append(f"  FLAG: {f}")
     for e in report.load_errors:
         out.append(f"  note: {e}")
     w = max([len(q.name) for q in report.questions] + [8])
@@ -422,9 +508,25 @@ def format_table(report: NotebookReport, verbose: bool = False) -> str:
     return "\n".join(out)
 
 
+def _cell(text: str) -> str:
+    """A CSV text cell a spreadsheet will not run as a formula (names come from submissions)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _atomic_write(path, data: bytes) -> None:
+    """Write a report file all at once: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def write_json(reports: list[NotebookReport] | NotebookReport, path) -> None:
     data = reports.to_dict() if isinstance(reports, NotebookReport) else {"submissions": [r.to_dict() for r in reports]}
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    _atomic_write(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def write_junit(reports: list[NotebookReport] | NotebookReport, path) -> None:
@@ -437,7 +539,8 @@ def write_junit(reports: list[NotebookReport] | NotebookReport, path) -> None:
                               tests=str(len(rep.questions)), failures=str(failures), errors=str(errors),
                               time=f"{rep.seconds:.3f}")
         props = ET.SubElement(suite, "properties")
-        for k, v in (("notebook", rep.notebook), ("score", f"{rep.score:g}"), ("max_score", f"{rep.max_score:g}")):
+        for k, v in (("notebook", rep.notebook), ("score", f"{rep.score:g}"), ("max_score", f"{rep.max_score:g}"),
+                     ("flags", " | ".join(rep.flags))):
             ET.SubElement(props, "property", name=k, value=v)
         for q in rep.questions:
             case = ET.SubElement(suite, "testcase", classname=str(rep.exercise), name=q.name, time=f"{q.seconds:.3f}")
@@ -447,24 +550,28 @@ def write_junit(reports: list[NotebookReport] | NotebookReport, path) -> None:
                 el.text = q.message
             if q.stdout:
                 ET.SubElement(case, "system-out").text = q.stdout
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    buf = io.BytesIO()
+    ET.ElementTree(root).write(buf, encoding="utf-8", xml_declaration=True)
+    _atomic_write(path, buf.getvalue())
 
 
 def write_csv(reports: list[NotebookReport], path) -> None:
+    multi = len({r.exercise for r in reports}) > 1
     names: list[str] = []
     for rep in reports:
         for q in rep.questions:
-            col = f"{rep.exercise}.{q.name}" if len({r.exercise for r in reports}) > 1 else q.name
+            col = f"{rep.exercise}.{q.name}" if multi else q.name
             if col not in names:
                 names.append(col)
-    multi = len({r.exercise for r in reports}) > 1
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["student", "notebook", "exercise", *names, "total", "max", "problems"])
-        for rep in reports:
-            pts = {(f"{rep.exercise}.{q.name}" if multi else q.name): f"{q.points:g}" for q in rep.questions}
-            problems = [f"{q.name}: {q.status}: {_first_line(q.message, 120)}" for q in rep.questions if q.status != "pass"]
-            if rep.error:
-                problems.insert(0, rep.error)
-            w.writerow([rep.student, rep.notebook, rep.exercise or "", *[pts.get(n, "") for n in names],
-                        f"{rep.score:g}", f"{rep.max_score:g}", " | ".join(problems)])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["student", "notebook", "exercise", *names, "total", "max", "problems", "flags"])
+    for rep in reports:
+        pts = {(f"{rep.exercise}.{q.name}" if multi else q.name): f"{q.points:g}" for q in rep.questions}
+        problems = [f"{q.name}: {q.status}: {_first_line(q.message, 120)}" for q in rep.questions if q.status != "pass"]
+        if rep.error:
+            problems.insert(0, rep.error)
+        text = [_cell(t) for t in (rep.student, rep.notebook, rep.exercise or "")]
+        w.writerow([*text, *[pts.get(n, "") for n in names], f"{rep.score:g}", f"{rep.max_score:g}",
+                    _cell(" | ".join(problems)), _cell(" | ".join(rep.flags))])
+    _atomic_write(path, buf.getvalue().encode("utf-8"))

@@ -1,27 +1,32 @@
-"""Run one question's cases against a function and explain what went wrong.
+"""Compare what a student's function returned with the expected output, and explain.
 
-Shared by the notebook self-checks (``check_<name>``, in the student's own kernel)
-and by the autograder's worker process. Nothing here lets a student's exception,
-``sys.exit``, wrong type, wrong shape or in-place edit escape: every problem
-becomes a ``CaseResult`` with a message that says expected vs got.
+This runs in the grading process (and, for the self-check, in the student's own
+kernel); it never calls student code. Its input is what ``worker.call_case``
+reported for one case (outputs, the inputs as they were afterwards, gradients, or
+the exception), after the wire format: plain tensors, numbers, tuples, ``Opaque``.
+Every problem becomes a ``CaseResult`` with a message (expected against got) and a
+hint chosen for the kind of failure: an exception, a wrong type, shape or dtype,
+NaN, wrong values (naming a known wrong answer when the output matches one),
+gradients, or an input changed in place.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
-import io
 import numbers
-import os
-import traceback
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from .questions import Case, Question
+from .spec import Case, Question
+from .worker import Opaque, _clone
 
-__all__ = ["CaseResult", "run_case", "run_question", "expected_output", "CappedText"]
+__all__ = ["Mismatch", "CaseResult", "compare", "expected_output", "judge_case", "fmt"]
+
+
+@dataclass
+class Mismatch:
+    kind: str  # one of spec.FAILURE_KINDS
+    text: str
 
 
 @dataclass
@@ -29,61 +34,16 @@ class CaseResult:
     name: str
     public: bool
     passed: bool
-    message: str = ""
+    message: str = ""  # what differs, then the hint
+    kind: str = ""  # failure kind, "todo" for NotImplementedError
+    id: str = ""
+    hint: str = ""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "public": self.public, "passed": self.passed, "message": self.message}
+        return asdict(self)
 
 
-class CappedText(io.TextIOBase):
-    """A text sink that keeps the first ``limit`` characters and counts the rest."""
-
-    def __init__(self, limit: int = 2000):
-        self.limit = limit
-        self.parts: list[str] = []
-        self.kept = 0
-        self.total = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s) -> int:
-        s = str(s)
-        self.total += len(s)
-        if self.kept < self.limit:
-            piece = s[: self.limit - self.kept]
-            self.parts.append(piece)
-            self.kept += len(piece)
-        return len(s)
-
-    def getvalue(self) -> str:
-        text = "".join(self.parts)
-        if self.total > self.kept:
-            text += f"\n... ({self.total - self.kept} more characters not shown)"
-        return text
-
-
-def _clone(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    return copy.deepcopy(obj)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
-            return False
-        return bool(torch.equal(a, b)) or bool(torch.equal(torch.nan_to_num(a.detach()), torch.nan_to_num(b.detach())))
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return True
-
-
-def _fmt(t) -> str:
+def fmt(t) -> str:
     """A short, readable rendering of an output for a message."""
     if isinstance(t, torch.Tensor):
         head = f"tensor of shape {list(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}"
@@ -92,18 +52,16 @@ def _fmt(t) -> str:
         v = t.detach()
         if v.is_floating_point():
             v = v.double()
-        if v.numel() <= 24:
-            vals = v.tolist()
-        else:
-            vals = v.reshape(-1)[:12].tolist()
-        if isinstance(vals, float):
-            vals = round(vals, 7)
-        elif isinstance(vals, list):
-            vals = _round(vals)
+        vals = v.tolist() if v.numel() <= 24 else v.reshape(-1)[:12].tolist()
+        vals = round(vals, 7) if isinstance(vals, float) else _round(vals)
         more = "" if v.numel() <= 24 else " ... (first 12 values)"
         return f"{head}: {vals}{more}"
     if isinstance(t, float):
         return repr(round(t, 7))
+    if isinstance(t, Opaque):
+        return repr(t)
+    if isinstance(t, tuple):
+        return "(" + ", ".join(fmt(x) for x in t[:6]) + (", ...)" if len(t) > 6 else ")")
     text = repr(t)
     return text if len(text) < 300 else text[:300] + "..."
 
@@ -119,59 +77,66 @@ def _round(vals):
 def _kind(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {list(x.shape)} and dtype {str(x.dtype).replace('torch.', '')}"
+    if isinstance(x, Opaque):
+        return f"a {x.type_name}"
+    if x is None:
+        return "None"
     return f"a {type(x).__name__}"
 
 
-def compare(got, expected, case: Case, label: str = "output") -> str | None:
-    """None when ``got`` matches ``expected``; otherwise a message naming the difference."""
+def compare(got, expected, case: Case, label: str = "output") -> Mismatch | None:
+    """None when ``got`` matches ``expected``; otherwise what differs, and its kind."""
     if isinstance(expected, tuple):
         if not isinstance(got, (tuple, list)):
-            return f"{label}: expected a tuple of {len(expected)} values, got {_kind(got)}"
+            return Mismatch("type", f"{label}: expected a tuple of {len(expected)} values, got {_kind(got)}")
         if len(got) != len(expected):
-            return f"{label}: expected a tuple of {len(expected)} values, got {len(got)} values"
+            return Mismatch("type", f"{label}: expected a tuple of {len(expected)} values, got {len(got)} values")
         for i, (g, e) in enumerate(zip(got, expected)):
-            msg = compare(g, e, case, f"{label}[{i}]")
-            if msg:
-                return msg
+            miss = compare(g, e, case, f"{label}[{i}]")
+            if miss:
+                return miss
         return None
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
-            return f"{label}: expected {_kind(expected)}, got {_kind(got)}"
+            return Mismatch("type", f"{label}: expected {_kind(expected)}, got {_kind(got)}")
         if got.shape != expected.shape:
-            return f"{label}: wrong shape: expected {list(expected.shape)}, got {list(got.shape)}\n  expected: {_fmt(expected)}\n  got:      {_fmt(got)}"
+            return Mismatch("shape", f"{label}: wrong shape: expected {list(expected.shape)}, got {list(got.shape)}"
+                                     f"\n  expected: {fmt(expected)}\n  got:      {fmt(got)}")
         if got.dtype != expected.dtype:
-            return f"{label}: wrong dtype: expected {expected.dtype}, got {got.dtype}"
-        if expected.is_floating_point():
-            g, e = got.detach().double(), expected.detach().double()
+            return Mismatch("dtype", f"{label}: wrong dtype: expected {expected.dtype}, got {got.dtype}")
+        if expected.is_floating_point() or expected.is_complex():
+            g, e = got.detach().to(torch.complex128 if expected.is_complex() else torch.float64), expected.detach()
+            e = e.to(g.dtype)
             if not bool(torch.isfinite(g).all()):
-                return f"{label}: contains NaN or inf\n  expected: {_fmt(expected)}\n  got:      {_fmt(got)}"
+                return Mismatch("nan", f"{label}: contains NaN or inf\n  expected: {fmt(expected)}\n  got:      {fmt(got)}")
             if not torch.allclose(g, e, atol=case.atol, rtol=case.rtol):
                 diff = (g - e).abs()
-                where = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.dim() else ()
-                return (
-                    f"{label}: values differ (max abs diff {float(diff.max()):.3g} at index {list(where)}; "
-                    f"tolerance atol={case.atol:g}, rtol={case.rtol:g})\n  expected: {_fmt(expected)}\n  got:      {_fmt(got)}"
-                )
+                where = [int(i) for i in torch.nonzero(diff == diff.max())[0]] if diff.dim() else []
+                return Mismatch("values", f"{label}: values differ (max abs diff {float(diff.max()):.3g} at index "
+                                          f"{where}; tolerance atol={case.atol:g}, rtol={case.rtol:g})"
+                                          f"\n  expected: {fmt(expected)}\n  got:      {fmt(got)}")
             return None
         if not torch.equal(got, expected):
             bad = int((got != expected).sum())
-            return f"{label}: {bad} of {expected.numel()} entries differ\n  expected: {_fmt(expected)}\n  got:      {_fmt(got)}"
+            return Mismatch("values", f"{label}: {bad} of {expected.numel()} entries differ"
+                                      f"\n  expected: {fmt(expected)}\n  got:      {fmt(got)}")
         return None
     if isinstance(expected, bool):
-        return None if got is expected else f"{label}: expected {expected!r}, got {_fmt(got)}"
+        return None if got is expected else Mismatch("values", f"{label}: expected {expected!r}, got {fmt(got)}")
     if isinstance(expected, int):
         if isinstance(got, bool) or not isinstance(got, numbers.Integral):
-            return f"{label}: expected a Python int ({expected}), got {_kind(got)}: {_fmt(got)}"
-        return None if int(got) == expected else f"{label}: expected {expected}, got {int(got)}"
+            return Mismatch("type", f"{label}: expected a Python int ({expected}), got {_kind(got)}: {fmt(got)}")
+        return None if int(got) == expected else Mismatch("values", f"{label}: expected {expected}, got {int(got)}")
     if isinstance(expected, float):
-        if not isinstance(got, numbers.Real):
-            return f"{label}: expected a float, got {_kind(got)}"
-        return None if abs(float(got) - expected) <= case.atol + case.rtol * abs(expected) else f"{label}: expected {expected:.7g}, got {float(got):.7g}"
-    return None if got == expected else f"{label}: expected {_fmt(expected)}, got {_fmt(got)}"
+        if isinstance(got, bool) or not isinstance(got, numbers.Real):
+            return Mismatch("type", f"{label}: expected a float, got {_kind(got)}")
+        ok = abs(float(got) - expected) <= case.atol + case.rtol * abs(expected)
+        return None if ok else Mismatch("values", f"{label}: expected {expected:.7g}, got {float(got):.7g}")
+    return None if got == expected else Mismatch("values", f"{label}: expected {fmt(expected)}, got {fmt(got)}")
 
 
 def expected_output(q: Question, case: Case):
-    """The expected output (and input gradients, for ``grad`` cases) of one case."""
+    """(value, input gradients or None) of one case, from the published value or the reference."""
     if case.grad:
         args = list(_clone(case.args))
         for i in case.grad:
@@ -185,7 +150,7 @@ def expected_output(q: Question, case: Case):
     if case.expected is not None:
         return case.expected, None
     with torch.no_grad():
-        return q.reference(*_clone(case.args), **_clone(case.kwargs)), None
+        return _detach(q.reference(*_clone(case.args), **_clone(case.kwargs))), None
 
 
 def _detach(out):
@@ -196,101 +161,129 @@ def _detach(out):
     return out
 
 
-def _arg_name(q: Question, i: int) -> str:
+def _arg_names(q: Question) -> list[str]:
+    import inspect
+
     try:
-        names = list(inspect.signature(q.reference).parameters)
-        return names[i]
-    except (TypeError, ValueError, IndexError):
-        return f"argument #{i + 1}"
+        return list(inspect.signature(q.reference).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
-def _short_traceback(exc: BaseException) -> str:
-    """The last frame of the student's code (a notebook cell), for the message."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    here = os.path.dirname(os.path.abspath(__file__))
-    skip = (here, os.path.dirname(torch.__file__))
-    mine = [f for f in frames if not f.filename.startswith(skip) and not f.filename.startswith("<frozen")]
-    if not mine:
-        return ""
-    f = mine[-1]
-    where = f"{f.filename.strip('<>')}, " if f.filename.startswith("<") else ""
-    line = f" `{f.line.strip()}`" if f.line else ""
-    return f" (at {where}line {f.lineno}{line})"
+def _unchanged(before, after) -> bool:
+    if isinstance(before, torch.Tensor):
+        if not isinstance(after, torch.Tensor) or after.shape != before.shape or after.dtype != before.dtype:
+            return False
+        if before.is_floating_point():
+            return bool(torch.equal(torch.nan_to_num(before.detach()), torch.nan_to_num(after.detach())))
+        return bool(torch.equal(before.detach(), after.detach()))
+    if isinstance(before, (list, tuple)):
+        return isinstance(after, (list, tuple)) and len(after) == len(before) and all(
+            _unchanged(b, a) for b, a in zip(before, after))
+    return True
 
 
-def run_case(fn, q: Question, case: Case, expected=None, capture: CappedText | None = None) -> CaseResult:
-    """Call ``fn`` on one case and compare. Never raises (except KeyboardInterrupt)."""
-    try:
-        if expected is None:
-            expected = expected_output(q, case)
-        value, grads = expected
-        args = list(_clone(case.args))
-        kwargs = _clone(case.kwargs)
-        if case.grad:
-            for i in case.grad:
-                args[i] = args[i].detach().clone().requires_grad_(True)
-        before = _clone((args, kwargs))
-    except Exception as exc:  # pragma: no cover - a bug in the grader's own cases
-        return CaseResult(case.name, case.public, False, f"grader error while preparing the case: {exc!r}")
-    try:
-        if capture is not None:
-            with redirect_stdout(capture), redirect_stderr(capture):
-                got = fn(*args, **kwargs)
-        else:
-            got = fn(*args, **kwargs)
-    except KeyboardInterrupt:
-        raise
-    except NotImplementedError:
-        return CaseResult(case.name, case.public, False, "not implemented yet (the function raises NotImplementedError)")
-    except SystemExit as exc:
-        return CaseResult(case.name, case.public, False, f"the function called sys.exit({exc.code!r}); return a value instead")
-    except BaseException as exc:
-        return CaseResult(case.name, case.public, False, f"raised {type(exc).__name__}: {exc}{_short_traceback(exc)}")
-    try:
-        for i, (a, b) in enumerate(zip(before[0], args)):
-            if not _same(a, b):
-                arg = _arg_name(q, i)
-                return CaseResult(
-                    case.name, case.public, False,
-                    f"the function modified its input `{arg}` in place; leave inputs untouched "
-                    f"(work on a copy, e.g. {arg} = {arg}.clone(), or use out-of-place ops)",
-                )
-        for key in kwargs:
-            if not _same(before[1][key], kwargs[key]):
-                return CaseResult(case.name, case.public, False, f"the function modified its input `{key}` in place")
-        msg = compare(got, value, case)
-        if msg is None and case.grad:
-            out = got if case.grad_output is None else got[case.grad_output]
-            if not isinstance(out, torch.Tensor) or not out.requires_grad:
-                msg = "the output carries no gradient (was something detached, or computed with .item()/.tolist()?)"
-            else:
-                out.sum().backward()
-                for pos, g_exp in zip(case.grad, grads):
-                    g = args[pos].grad
-                    if g is None:
-                        msg = f"no gradient reaches the input `{_arg_name(q, pos)}`"
-                        break
-                    m = compare(g, g_exp, case, f"gradient with respect to `{_arg_name(q, pos)}`")
-                    if m:
-                        msg = m
-                        break
-        if msg and q.outputs:
-            for i, name in enumerate(q.outputs):
-                msg = msg.replace(f"output[{i}]", f"output[{i}] ({name})")
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:
-        msg = f"the output could not be checked ({type(exc).__name__}: {exc})"
-    if msg:
-        hint = case.hint or q.hint
-        return CaseResult(case.name, case.public, False, f"{msg}\n  hint: {hint}")
-    return CaseResult(case.name, case.public, True)
+def _inplace(q: Question, case: Case, result: dict) -> Mismatch | None:
+    names = _arg_names(q)
+    after = result.get("args_after")
+    if not isinstance(after, (list, tuple)) or len(after) != len(case.args):
+        return Mismatch("type", "the grading process did not report the inputs after the call")
+    for i, (b, a) in enumerate(zip(case.args, after)):
+        if not _unchanged(b, a):
+            arg = names[i] if i < len(names) else f"argument #{i + 1}"
+            return Mismatch("inplace", f"the function modified its input `{arg}` in place; leave inputs untouched "
+                                       f"(work on a copy, e.g. {arg} = {arg}.clone(), or use out-of-place ops)")
+    kw_after = result.get("kwargs_after")
+    if not isinstance(kw_after, dict):
+        return Mismatch("type", "the grading process did not report the inputs after the call")
+    for key, before in case.kwargs.items():
+        if not _unchanged(before, kw_after.get(key)):
+            return Mismatch("inplace", f"the function modified its input `{key}` in place")
+    return None
 
 
-def run_question(fn, q: Question, hidden: bool = False, capture: CappedText | None = None, expected: list | None = None) -> list[CaseResult]:
-    """Every (public, or also hidden) case of ``q`` against ``fn``."""
-    cases = q.cases(hidden=hidden)
-    if not callable(fn):
-        return [CaseResult(c.name, c.public, False, f"`{q.name}` is {_kind(fn)}, not a function") for c in cases]
-    exp = expected if expected is not None else [None] * len(cases)
-    return [run_case(fn, q, c, e, capture) for c, e in zip(cases, exp)]
+def _grad_mismatch(q: Question, case: Case, result: dict, grads) -> Mismatch | None:
+    g = result.get("grad")
+    names = _arg_names(q)
+    if not isinstance(g, dict):
+        return Mismatch("grad", "no gradient was reported")
+    if g.get("status") == "no_grad":
+        return Mismatch("grad", "the output carries no gradient (was something detached, or computed with "
+                                ".item()/.tolist()?)")
+    if g.get("status") == "error":
+        err = g.get("error") or {}
+        return Mismatch("grad", f"backward() raised {err.get('type', 'an error')}: {err.get('message', '')}")
+    got = g.get("grads")
+    if not isinstance(got, (list, tuple)) or len(got) != len(case.grad):
+        return Mismatch("grad", "the gradients were not reported")
+    for pos, g_got, g_exp in zip(case.grad, got, grads):
+        arg = names[pos] if pos < len(names) else f"argument #{pos + 1}"
+        if g_got is None:
+            return Mismatch("grad", f"no gradient reaches the input `{arg}`")
+        miss = compare(g_got, g_exp, case, f"gradient with respect to `{arg}`")
+        if miss:
+            return Mismatch("grad", miss.text)
+    return None
+
+
+def _known_mistake(q: Question, case: Case, got):
+    for wrong in q.wrong_answers:
+        try:
+            with torch.no_grad():
+                value = _detach(wrong.fn(*_clone(case.args), **_clone(case.kwargs)))
+            if compare(got, value, case) is None:
+                return wrong
+        except Exception:  # noqa: BLE001 - a wrong answer need not work on every case
+            continue
+    return None
+
+
+def judge_case(q: Question, case: Case, expected, result) -> CaseResult:
+    """One case's verdict from what the student's process reported (``result``)."""
+    value, grads = expected
+    base = dict(name=case.name, public=case.public, id=case.id)
+    if not isinstance(result, dict):
+        return CaseResult(**base, passed=False, kind="type", message="no answer was reported for this case")
+    err = result.get("error")
+    if isinstance(err, dict):
+        kind = err.get("kind")
+        if kind == "not_implemented":
+            return CaseResult(**base, passed=False, kind="todo",
+                              message="not implemented yet (the function raises NotImplementedError)")
+        if kind == "exit":
+            text = f"the function called sys.exit({err.get('code', '')}); return a value instead"
+            return _fail(q, case, base, Mismatch("exception", text))
+        if kind == "not_callable":
+            return _fail(q, case, base, Mismatch("type", f"`{q.name}` is a {err.get('type', '?')}, not a function"))
+        where = f" (at {err['where']})" if err.get("where") else ""
+        message = str(err.get("message", ""))
+        text = f"raised {err.get('type', 'an exception')}: {message}{where}"
+        miss = Mismatch("exception", text)
+        if err.get("type") == "MemoryError" or "allocate" in message.lower():
+            return _fail(q, case, base, miss, hint="the function needs more memory than the grader allows "
+                                                   "(a limit per question): these inputs are small, so look for "
+                                                   "a tensor far bigger than needed")
+        return _fail(q, case, base, miss)
+    miss = _inplace(q, case, result)
+    got = result.get("out")
+    if miss is None:
+        miss = (q.check or compare)(got, value, case)
+    if miss is None and case.grad:
+        miss = _grad_mismatch(q, case, result, grads)
+    if miss is None:
+        return CaseResult(**base, passed=True)
+    wrong = _known_mistake(q, case, got) if miss.kind in ("type", "shape", "dtype", "nan", "values") else None
+    return _fail(q, case, base, miss, wrong=wrong)
+
+
+def _fail(q: Question, case: Case, base: dict, miss: Mismatch, wrong=None, hint: str | None = None) -> CaseResult:
+    text = miss.text
+    if q.outputs:
+        for i, name in enumerate(q.outputs):
+            text = text.replace(f"output[{i}]", f"output[{i}] ({name})")
+    if wrong is not None:
+        text += f"\n  this is a known mistake: {wrong.what}"
+        hint = wrong.hint
+    elif hint is None:
+        hint = case.hint if (miss.kind == "values" and case.hint) else q.hint_for(miss.kind)
+    return CaseResult(**base, passed=False, kind=miss.kind, message=f"{text}\n  hint: {hint}", hint=hint)
