@@ -216,9 +216,19 @@ def _compile_batch(jobs):
     return [compile_launch(launch, arch) for launch, arch in jobs]
 
 
-def compile_all(archs=(80, 90), workers: int | None = None) -> list[CompileResult]:
-    """Record every launch and compile it for every arch, ``workers`` processes at a time."""
+def compile_all(archs=(80, 90), workers: int | None = None, only: str | None = None,
+                max_launches: int | None = None) -> list[CompileResult]:
+    """Record every launch and compile it for every arch, ``workers`` processes at a time.
+
+    ``only`` keeps the launches whose description contains that text; ``max_launches`` the
+    first so many of them (a quick look, e.g. in a notebook)."""
     launches = record_launches()
+    if only:
+        launches = [launch for launch in launches if only in launch.describe()]
+    if max_launches is not None:
+        launches = launches[:max_launches]
+    if not launches:
+        raise ValueError(f"no recorded launch matches only={only!r}")
     jobs = [(launch, arch) for arch in archs for launch in launches]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1:
@@ -235,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute capabilities to compile for (80: A100, 90: H100/H200)")
     p.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: all cores)")
     p.add_argument("--show-ptx", type=int, default=0, metavar="N", help="print the first lines of N kernels' PTX")
+    p.add_argument("--only", default=None, help="compile only launches whose description contains this text")
+    p.add_argument("--max-launches", type=int, default=None, help="compile at most this many launches")
     a = p.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
@@ -242,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         p.error(str(err))
     start = time.perf_counter()
-    results = compile_all(tuple(a.arch), a.workers)
+    try:
+        results = compile_all(tuple(a.arch), a.workers, a.only, a.max_launches)
+    except ValueError as err:
+        p.error(str(err))
     bad = [r for r in results if not r.ok]
     for r in results:
         status = "ok  " if r.ok else "FAIL"
