@@ -337,7 +337,7 @@ def plot_results(data: dict, axes=None):
             ax.set_xlabel("tokens T")
             ax.set_ylabel("TFLOP/s (median)")
         ax.set_title(f"{data['device']}: {'forward' if p == 'fwd' else 'forward + backward'}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     return axes
 
 

@@ -97,7 +97,7 @@ def plot_routing_heatmap(
         mid = (np.nanmax(m) + np.nanmin(m)) / 2
         for r in range(R):
             for e in range(E):
-                ax.text(e, r, f"{m[r, e]:.2f}", ha="center", va="center", fontsize=7,
+                ax.text(e, r, f"{m[r, e]:.2f}", ha="center", va="center", fontsize=9,
                         color="k" if m[r, e] > mid else "w")
     if colorbar:
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)

@@ -125,3 +125,20 @@ def test_moe_every_other_layer_counts_half_the_layers_as_moe():
 def test_config_rejects_top_k_above_num_experts():
     with pytest.raises(ValueError, match="k"):
         ModelConfig(name="bad", vocab_size=10, d_model=8, n_layers=1, n_heads=2, d_ff=16, num_experts=2, top_k=3)
+
+
+def test_switch_c_matches_table_9_and_activates_about_a_thousandth_of_its_weights():
+    from moe_utils.accounting import SWITCH_C
+
+    # independent count from Fedus et al. 2022, Table 9: d 2080, d_ff 6144, 32 heads of 64,
+    # 15 encoder + 15 decoder layers, 2048 two-matrix experts in every FFN, tied vocab 32128
+    d, f, E, attn = 2080, 6144, 2048, 4 * 2080 * 32 * 64
+    expert, router = 2 * d * f, d * E
+    enc = 15 * (attn + E * expert + router + 2 * d)
+    dec = 15 * (2 * attn + E * expert + router + 3 * d)
+    total = 32128 * d + enc + dec + 2 * d  # embedding, both stacks, two final norms
+    p = count_parameters(SWITCH_C)
+    assert p.total == total
+    assert abs(total - 1571e9) < 0.5e9  # "1571B" in Table 9
+    assert p.active == total - 30 * E * expert + 30 * expert  # one expert per MoE layer
+    assert p.active / p.total < 0.0012
