@@ -42,7 +42,8 @@ class MoELayer(nn.Module):
     aux_loss:      ``"switch"`` (alpha E sum f P, the course default; with a grouped router
                    it is computed per routing group and averaged), ``"topk"``
                    (Hugging Face Mixtral variant, k at balance) or None
-    aux_loss_coef: coefficient of the balance loss (Switch 1e-2, Mixtral 0.02)
+    aux_loss_coef: coefficient of the balance loss (Switch paper 1e-2; the released Hugging Face
+                   Mixtral config 0.02)
     z_loss_coef:   coefficient of the router z-loss (ST-MoE 1e-3; 0 disables it)
     backend:       dispatch backend, see ``moe_utils.dispatch.moe_ffn``
     """
@@ -162,7 +163,8 @@ def mixtral_layer(
     backend: str = "auto",
 ) -> MoELayer:
     """Mixtral sparse block: SwiGLU experts, softmax-top-k-renormalise, dropless,
-    top-k (Hugging Face) balance loss with Mixtral's coefficient 0.02."""
+    top-k (Hugging Face) balance loss with the coefficient 0.02 of the released Hugging Face
+    Mixtral config (the Mixtral paper gives none)."""
     router = TopKRouter(d_model, num_experts, k=k)
     experts = ExpertBank(num_experts, d_model, d_ff, kind="swiglu")
     return MoELayer(router, experts, "topk", aux_loss_coef, z_loss_coef, backend)

@@ -88,7 +88,8 @@ def topk_load_balancing_loss(router_probs: torch.Tensor, expert_indices: torch.T
     ``f[j, e]`` is the fraction of tokens whose j-th choice is e (a ``[k, E]``
     table), ``P[e]`` the mean probability, and the loss is
     ``E * sum_{j,e} f[j, e] * P[e]``. Its value at perfect balance is ``k``, not 1;
-    multiply by the model's coefficient (Mixtral: 0.02) yourself. Empty batch: 0.
+    multiply by the model's coefficient yourself (the released Hugging Face Mixtral config
+    uses 0.02). Empty batch: 0.
     """
     E = _check_probs_and_indices(router_probs, expert_indices, 2)
     if router_probs.shape[0] == 0:

@@ -45,7 +45,10 @@ class LMConfig:
 
     ffn:           ``"dense"``, ``"switch"`` (top-1, capacity) or ``"mixtral"`` (top-2, dropless)
     d_ff:          the dense hidden size ``f``; experts get ``f`` (switch) or ``f / 2`` (mixtral)
-    aux_loss_coef: None picks the paper's value (switch 1e-2, mixtral 2e-2); 0 switches it off
+    aux_loss_coef: None picks the default of each design: switch 1e-2 (Switch Transformer paper),
+                   mixtral 2e-2 (``router_aux_loss_coef`` of the released Hugging Face Mixtral
+                   config; the Mixtral paper gives none); 0 switches it off. Applied per MoE
+                   layer and summed over layers (Hugging Face pools all layers into one loss)
     z_loss_coef:   router z-loss coefficient (ST-MoE 1e-3)
     capacity_factor / eval_capacity_factor: Switch only (training / eval mode)
     """

@@ -2,7 +2,8 @@
 
 * ``expert_load(routing)``: assignments per expert, before capacity dropping [E]
 * ``max_violation(load)``: MaxVio = ``(max_i load_i - mean load) / mean load``
-  (DeepSeek-V3's balance metric; 0 is perfect balance, ``E - 1`` is total collapse)
+  (defined by Wang et al. 2024, eq. 4, and used by DeepSeek-V3; 0 is perfect balance,
+  ``E - 1`` is total collapse)
 * ``dead_experts(load, threshold)``: experts whose share of assignments is below
   ``threshold / E`` (default: under a tenth of a fair share)
 * ``router_entropy(probs)``: mean over tokens of ``-sum_e p log p`` in nats
