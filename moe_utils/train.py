@@ -521,7 +521,9 @@ def train_many(
         n = min(workers or os.cpu_count() or 1, len(todo))
         # spawn: works from a Jupyter kernel and with torch's thread pools already running
         with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_job, config, tc, data): name for name, (config, tc) in todo.items()}
+            # longest runs first (MoE steps cost more than dense ones), so no core idles at the end
+            order = sorted(todo, key=lambda n: -todo[n][1].steps * (1.0 if todo[n][0].ffn == "dense" else 1.4))
+            futures = {pool.submit(_train_job, *todo[name], data): name for name in order}
             for fut in as_completed(futures):
                 name = futures[fut]
                 try:
