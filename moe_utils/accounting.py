@@ -18,7 +18,7 @@ Presets (architecture numbers from the released config or the paper):
 * ``SWITCH_C``: Switch-C (Fedus et al. 2022, Table 9: d 2080, d_ff 6144, 32 heads of 64,
   15 + 15 layers, 2048 experts in *every* FFN, plain two-matrix experts since Table 9
   marks no GEGLU for it); reported 1571B parameters ("1.6 trillion"). The paper gives no
-  active count; one encoder token touches about 0.6B parameters, a decoder token 0.9B.
+  active count; an encoder token and a decoder token together touch about 1.7B (0.11%).
 * ``GLAM_64B_64E``: GLaM 64B/64E (Du et al. 2022, Table 4: 64 layers, d 8192,
   FFN 32768, 128 heads of 128, 64 experts top-2 in every other layer, gated-GELU
   dense FFNs); the paper reports 1.2T total and 96.6B activated.
