@@ -68,6 +68,23 @@ MUTANTS = {
     "mixtral_weights_not_renormalised": ("ex04_mixtral_block", {"mixtral_block_forward": ("(top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)", "top_p.to(x.dtype)")}),
     "sort_not_stable": ("ex05_dispatch_metadata", {"sort_slots_by_expert": ("torch.argsort(flat, stable=True)", "torch.argsort(flat, descending=True, stable=True).flip(0)")}),
     "unpermute_with_order_not_inverse": ("ex05_dispatch_metadata", {"unpermute_and_combine": ("y_sorted[inverse]", "y_sorted[order]")}),
+    "send_splits_ignore_kept": ("ex10_expert_parallel", {"send_splits": ("indices[kept] // per_rank", "indices.reshape(-1) // per_rank")}),
+    "send_splits_owner_modulo": ("ex10_expert_parallel", {"send_splits": ("indices[kept] // per_rank", "indices[kept] % world_size")}),
+    "send_splits_no_minlength": ("ex10_expert_parallel", {"send_splits": ("torch.bincount(owner, minlength=world_size)", "torch.bincount(owner)")}),
+    "dispatch_order_unsorted": ("ex10_expert_parallel", {"dispatch_order": ("return slots[torch.argsort(experts, stable=True)]", "return slots")}),
+    "dispatch_order_with_dropped": ("ex10_expert_parallel", {"dispatch_order": ("torch.nonzero(kept.reshape(-1))[:, 0]", "torch.arange(kept.numel())")}),
+    "recv_splits_transposed": ("ex10_expert_parallel", {"recv_splits": ("return mine.sum(dim=1)", "return counts[rank].reshape(world_size, per_rank).sum(dim=1)")}),
+    "recv_splits_without_local": ("ex10_expert_parallel", {"recv_splits": ("return mine.sum(dim=1)", "splits = mine.sum(dim=1)\n    splits[rank] = 0\n    return splits")}),
+    "local_ids_expert_major": ("ex10_expert_parallel", {"local_expert_ids": ("torch.repeat_interleave(ids, mine.reshape(-1))", "torch.repeat_interleave(torch.arange(per_rank), mine.sum(dim=0))")}),
+    "local_ids_global": ("ex10_expert_parallel", {"local_expert_ids": ("return torch.repeat_interleave(ids,", "return rank * per_rank + torch.repeat_interleave(ids,")}),
+    "all_to_all_without_local_piece": ("ex10_expert_parallel", {"simulate_all_to_all": ("for i in range(W)])", "for i in range(W) if i != j])")}),
+    "all_to_all_splits_transposed": ("ex10_expert_parallel", {"simulate_all_to_all": ("zip(rows, splits)", "zip(rows, splits.T)")}),
+    "combine_without_inverse_permutation": ("ex10_expert_parallel", {"combine_back": ("index_copy(0, slots, y_back)", "index_copy(0, torch.arange(len(slots)), y_back)")}),
+    "combine_unweighted": ("ex10_expert_parallel", {"combine_back": ("(y_slots.reshape(T, k, d) * w).sum(dim=1)", "y_slots.reshape(T, k, d).sum(dim=1)")}),
+    "bytes_counting_local_copies": ("ex10_expert_parallel", {"bytes_per_token": ("k * (1 - local_fraction)", "k")}),
+    "bytes_dispatch_only": ("ex10_expert_parallel", {"bytes_per_token": ("(bytes_dispatch + bytes_combine)", "bytes_dispatch")}),
+    "seconds_gigabits_as_gigabytes": ("ex10_expert_parallel", {"exchange_seconds": ("link_gbit_per_s * 1e9 / 8", "link_gbit_per_s * 1e9")}),
+    "seconds_one_latency": ("ex10_expert_parallel", {"exchange_seconds": ("return 2 * latency_s", "return latency_s")}),
 }
 
 
