@@ -12,7 +12,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_expert_load", "plot_expert_counts", "plot_routing_heatmap", "plot_drop_rate", "plot_loss_curves"]
+__all__ = [
+    "plot_expert_load",
+    "plot_expert_counts",
+    "plot_routing_heatmap",
+    "plot_drop_rate",
+    "plot_loss_curves",
+    "plot_routed_text",
+]
 
 
 def _array(name: str, v, ndim: int) -> np.ndarray:
@@ -151,3 +158,43 @@ def _expert_colors(E: int):
 
     cmap = matplotlib.colormaps["tab10" if E <= 10 else "tab20"]
     return [cmap(e % cmap.N) for e in range(E)]
+
+
+def plot_routed_text(ids, experts, num_experts: int, ax=None, width: int = 32, title: str = "routed bytes",
+                     legend: bool = True):
+    """Bytes drawn on a grid, each cell coloured by the expert its token went to (the
+    Mixtral paper's figure of routed tokens, for a byte-level model).
+
+    ids: [T] byte ids; experts: [T] expert of each byte; ``width`` bytes per row. Spaces
+    are drawn as ``·`` and newlines as ``↵``; bytes outside printable ASCII as ``?``.
+    ``legend`` names the colour of each expert that appears, under the grid.
+    """
+    b = _array("ids", ids, 1).astype(int)
+    e = _array("experts", experts, 1).astype(int)
+    if b.shape != e.shape:
+        raise ValueError(f"ids and experts must have the same length, got {b.shape[0]} and {e.shape[0]}")
+    if num_experts < 1 or (e.size and (e.min() < 0 or e.max() >= num_experts)):
+        raise ValueError(f"experts must hold expert ids in [0, {num_experts - 1}]")
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    rows = -(-b.shape[0] // width)
+    ax = _axes(ax, figsize=(0.28 * width + 1, 0.4 * rows + 0.8))
+    colors = _expert_colors(num_experts)
+    grid = np.ones((rows, width, 4))
+    for t, (byte, ex) in enumerate(zip(b, e)):
+        r, c = divmod(t, width)
+        grid[r, c] = colors[ex]
+        ch = "·" if byte == 32 else "↵" if byte == 10 else chr(byte) if 33 <= byte <= 126 else "?"
+        ax.text(c, r, ch, ha="center", va="center", fontsize=9, family="monospace")
+    ax.imshow(grid, aspect="auto", interpolation="nearest", alpha=0.55)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    if legend:
+        from matplotlib.patches import Patch
+
+        used = sorted(set(e.tolist()))
+        handles = [Patch(color=colors[x], alpha=0.55, label=f"expert {x}") for x in used]
+        ax.legend(handles=handles, ncol=min(len(used), 8), fontsize=9, loc="upper center",
+                  bbox_to_anchor=(0.5, 0.0), frameon=False)
+    return ax

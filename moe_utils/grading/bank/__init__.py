@@ -13,6 +13,7 @@ from . import (
     ex03_switch_capacity,
     ex04_mixtral_block,
     ex05_dispatch_metadata,
+    ex08_routing_security,
     ex10_expert_parallel,
 )
 
@@ -22,6 +23,7 @@ MODULES = [
     ex03_switch_capacity,
     ex04_mixtral_block,
     ex05_dispatch_metadata,
+    ex08_routing_security,
     ex10_expert_parallel,
 ]
 ALL = [m.EXERCISE for m in MODULES]
