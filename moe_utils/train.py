@@ -510,10 +510,16 @@ def train_many(
             report(f"{name}: {tc.steps} steps in {seconds:.0f} s, validation loss {results[name].final_val_loss:.3f}")
 
     if device != "cpu" or len(todo) <= 1 or (workers or 2) == 1:
-        for name, (config, tc) in todo.items():
-            start = time.perf_counter()
-            r = train(config, tc, data, progress=False, device=device)
-            finish(name, r.model.state_dict(), r.history, time.perf_counter() - start)
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            torch.set_num_threads(1)  # what a worker uses: the same numbers either way
+        try:
+            for name, (config, tc) in todo.items():
+                start = time.perf_counter()
+                r = train(config, tc, data, progress=False, device=device)
+                finish(name, r.model.state_dict(), r.history, time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(threads)
     elif todo:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed

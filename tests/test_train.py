@@ -226,3 +226,19 @@ def test_evaluate_stream_is_the_mean_over_every_window_of_the_stream(data):
 def test_a_finished_run_records_the_full_validation_loss(data):
     r = T.train(LMConfig(ffn="dense", **TINY), tc(steps=4, eval_every=2), data, progress=False)
     assert r.full_val_loss == pytest.approx(T.evaluate_stream(r.model, data.validation), rel=1e-6)
+
+
+def test_train_many_in_this_process_also_uses_one_thread(data, monkeypatch):
+    # the in-process path (one job) must compute what a worker computes, so results never
+    # depend on how many jobs ran together
+    seen = []
+    real = T.train
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train", spy)
+    threads = torch.get_num_threads()
+    T.train_many({"one": (LMConfig(ffn="dense", **TINY), tc(steps=2, eval_every=2))}, data, report=None)
+    assert seen == [1] and torch.get_num_threads() == threads
