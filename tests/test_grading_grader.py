@@ -4,8 +4,10 @@ grader, and the reports (table, JSON, JUnit, CSV) say what happened.
 
 Mutants are made from the master notebooks by replacing a piece of one solution,
 so they stay in sync with the masters. One worker pool (torch imported once, no
-sandbox: the configuration of a CI machine) serves the in-process gradings; a few
-tests run the CLI as a lecturer would.
+sandbox: the configuration of a CI machine) serves the in-process gradings. Every
+report is also checked for a reason on every question that lost points. The command
+line, as a lecturer runs it, is tested in ``test_grading_probes.py`` (each run there
+carries several probes).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-from _grading_helpers import SOLUTIONS, STUDENTS, cli, master, mutate, notes, points, student, write
+from _grading_helpers import SOLUTIONS, STUDENTS, master, mutate, notes, points, write
 
 from moe_utils.grading import EXERCISES, WorkerPool, grade_notebook
 from moe_utils.grading.grader import _plan, format_table, write_csv, write_json, write_junit
@@ -34,9 +36,16 @@ def _full(exercise: str) -> dict[str, float]:
     return {q.name: float(q.points) for q in EXERCISES[exercise]}
 
 
+def _explained(report) -> None:
+    """No question loses points without a message, and a pass is worth all its points."""
+    for q in report.questions:
+        assert q.message.strip() if q.status != "pass" else q.points == q.max_points, (q.name, q.status, q.message)
+
+
 @pytest.mark.parametrize("exercise", NAMES)
 def test_master_gets_full_marks_and_no_flags(pool, exercise):
     report = grade_notebook(SOLUTIONS / f"{exercise}.ipynb", pool=pool)
+    _explained(report)
     assert points(report) == _full(exercise), [q.message for q in report.questions if q.status != "pass"]
     assert report.score == report.max_score == sum(q.points for q in EXERCISES[exercise])
     assert report.flags == [] and report.load_errors == [] and report.error is None
@@ -46,6 +55,7 @@ def test_master_gets_full_marks_and_no_flags(pool, exercise):
 @pytest.mark.parametrize("exercise", NAMES)
 def test_untouched_student_notebook_gets_zero(pool, exercise):
     report = grade_notebook(STUDENTS / f"{exercise}.ipynb", pool=pool)
+    _explained(report)
     assert report.score == 0 and report.max_score > 0
     assert {q.status for q in report.questions} == {"todo"} and report.flags == []
 
@@ -92,6 +102,7 @@ MUTANTS = {
 def test_realistic_mistake_costs_exactly_its_own_question(pool, tmp_path, name):
     exercise, edits = MUTANTS[name]
     report = grade_notebook(write(tmp_path, exercise, mutate(exercise, edits)), pool=pool)
+    _explained(report)
     expected = {q: (0.0 if q in edits else p) for q, p in _full(exercise).items()}
     assert points(report) == expected, {q.name: q.message for q in report.questions}
     for q in report.questions:
@@ -125,7 +136,8 @@ ROBUST = {
 @pytest.mark.parametrize("name", sorted(ROBUST))
 def test_bad_student_code_costs_its_question_and_grading_goes_on(pool, tmp_path, name):
     edits, statuses = ROBUST[name]
-    report = grade_notebook(write(tmp_path, "ex01_router_topk", mutate("ex01_router_topk", edits)), timeout=2.0, pool=pool)
+    report = grade_notebook(write(tmp_path, "ex01_router_topk", mutate("ex01_router_topk", edits)), timeout=1.0, pool=pool)
+    _explained(report)
     full = _full("ex01_router_topk")
     assert points(report) == {q: (0.0 if q in statuses else p) for q, p in full.items()}, {q.name: q.message for q in report.questions}
     for q in report.questions:
@@ -150,7 +162,7 @@ def test_top_level_code_is_not_executed(pool, tmp_path):
     nb = master("ex01_router_topk")
     nb["cells"].append({"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
                         "source": "while True:\n    pass\nimport os\nos._exit(1)"})
-    report = grade_notebook(write(tmp_path, "ex01_router_topk", nb), timeout=2.0, pool=pool)
+    report = grade_notebook(write(tmp_path, "ex01_router_topk", nb), timeout=1.0, pool=pool)
     assert report.score == report.max_score
 
 
@@ -212,46 +224,3 @@ def test_names_from_submissions_reach_reports_harmless(pool, tmp_path):
     write_csv([report], tmp_path / "g.csv")
     row = next(csv.DictReader((tmp_path / "g.csv").open()))
     assert row["student"] == "'=cmd|calc" and row["notebook"].startswith("'=HYPERLINK")
-
-
-def test_cli_grades_one_notebook_with_json_and_junit(tmp_path):
-    nb = mutate("ex03_switch_capacity", {"expert_capacity": ("num_experts))", "num_experts) + 1)")})
-    path = write(tmp_path, "ex03_switch_capacity", nb)
-    proc = cli("grade", path.name, "--json", "r.json", "--junit", "r.xml", "--sandbox", "none", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "expert_capacity" in proc.stdout and "8/10" in proc.stdout
-    data = json.loads((tmp_path / "r.json").read_text())
-    assert data["score"] == 8 and data["max_score"] == 10 and data["exercise"] == "ex03_switch_capacity"
-    assert {q["name"]: q["status"] for q in data["questions"]}["expert_capacity"] == "fail"
-    assert data["grading"]["sandbox"] == "rlimits" and isinstance(data["grading"]["seed"], int)
-    suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
-    assert suite.get("tests") == "4" and suite.get("failures") == "1"
-    assert [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None] == ["expert_capacity"]
-    assert str(tmp_path) not in (tmp_path / "r.json").read_text() + (tmp_path / "r.xml").read_text()
-
-
-def test_cli_grades_a_folder_into_csv(tmp_path):
-    subs = tmp_path / "submitted"
-    for name, nb in {
-        "alice": master("ex04_mixtral_block"),
-        "bob": student("ex04_mixtral_block"),
-        "carol": mutate("ex04_mixtral_block", {"mixtral_block_forward": (
-            "(top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)", "top_p.to(x.dtype)")}),
-        "dave": mutate("ex04_mixtral_block", {"swiglu_expert": "from moe_utils.experts import SwiGLU"}),
-    }.items():
-        write(subs / name, "ex04_mixtral_block", nb)
-    proc = cli("grade", "submitted", "--csv", "grades.csv", "--json", "all.json", "--junit", "all.xml",
-               "--sandbox", "none", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    rows = {r["student"]: r for r in csv.DictReader((tmp_path / "grades.csv").open())}
-    assert {s: (r["swiglu_expert"], r["mixtral_block_forward"], r["total"], r["max"]) for s, r in rows.items()} == {
-        "alice": ("2", "4", "6", "6"),
-        "bob": ("0", "0", "0", "6"),
-        "carol": ("2", "0", "2", "6"),
-        "dave": ("0", "4", "4", "6"),
-    }
-    assert rows["carol"]["problems"].startswith("mixtral_block_forward: fail")
-    assert "moe_utils.experts" in rows["dave"]["flags"] and rows["alice"]["flags"] == ""
-    assert len(json.loads((tmp_path / "all.json").read_text())["submissions"]) == 4
-    assert len(ET.parse(tmp_path / "all.xml").getroot().findall("testsuite")) == 4
-    assert "alice" in proc.stdout and "grades.csv" in proc.stdout

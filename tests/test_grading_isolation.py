@@ -134,7 +134,7 @@ def test_too_many_processes_stop_the_question(pool, tmp_path, marker):
 def test_a_timeout_kills_what_the_function_started(pool, tmp_path, marker):
     body = _detach_sleeper(marker) + "while True:\n    pass\n"
     nb = mutate(EX01, {"router_probs": ("return torch.softmax", body.replace("\n", "\n    ") + "return torch.softmax")})
-    report = grade_notebook(write(tmp_path, EX01, nb), pool=pool, timeout=2.0)
+    report = grade_notebook(write(tmp_path, EX01, nb), pool=pool, timeout=1.0)
     assert points(report)["router_probs"] == 0
     assert next(q for q in report.questions if q.name == "router_probs").status == "timeout"
     assert wait_gone(marker) == []
@@ -163,7 +163,7 @@ _SPIN = "class Spin{}:\n    while True:\n        pass"
 
 def test_several_hanging_statements_are_skipped(pool, tmp_path):
     two = add_cell(add_cell(master(EX02), _SPIN.format(1)), _SPIN.format(2))
-    report = grade_notebook(write(tmp_path, EX02, two), timeout=1.0, pool=pool)
+    report = grade_notebook(write(tmp_path, EX02, two), timeout=0.5, pool=pool)
     assert report.score == 8 and sum("Spin" in e for e in report.load_errors) == 2
 
 
@@ -172,7 +172,7 @@ def test_after_three_hanging_statements_loading_gives_up(pool, tmp_path):
     nb = master(EX02)
     for i in range(4):
         nb = add_cell(nb, _SPIN.format(i))
-    report = grade_notebook(write(tmp_path, EX02, nb), timeout=1.0, pool=pool)
+    report = grade_notebook(write(tmp_path, EX02, nb), timeout=0.5, pool=pool)
     assert report.score == 0 and {q.status for q in report.questions} == {"not graded"}
     assert sum("Spin" in e for e in report.load_errors) == 3
 

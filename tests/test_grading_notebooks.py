@@ -139,38 +139,56 @@ def test_scan_respects_the_modules_an_exercise_allows():
     assert not _flags(code, allowed=("moe_utils.experts",))
 
 
-def _run_in_kernel(nb: dict):
-    """Every cell in a fresh kernel, as nbgrader's autograde does; errors are kept."""
+def _run_in_kernels(nbs: dict[str, dict]) -> dict[str, list]:
+    """Every cell of each notebook, as nbgrader's autograde runs them (errors kept), in one
+    kernel (starting one per notebook cost most of this file's time): a ``%reset -f``
+    between notebooks leaves none of the previous one's names behind. The cells of each."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    node = nbformat.reads(json.dumps(nb), as_version=4)
-    probe = nbformat.v4.new_code_cell("import moe_utils.grading as _g\nprint('GRADING', _g.__file__)")
-    node.cells.insert(0, probe)
+    node = nbformat.v4.new_notebook(metadata=next(iter(nbs.values()))["metadata"])
+    node.cells.append(nbformat.v4.new_code_cell("import moe_utils.grading as _g\nprint('GRADING', _g.__file__)"))
+    spans = {}
+    for name, nb in nbs.items():
+        node.cells.append(nbformat.v4.new_code_cell(f"%reset -f\nprint('NOTEBOOK', {name!r})"))
+        first = len(node.cells)
+        node.cells.extend(nbformat.reads(json.dumps(nb), as_version=4).cells)
+        spans[name] = (first, len(node.cells))
     nbclient.NotebookClient(node, timeout=120, kernel_name="python3", allow_errors=True,
                             resources={"metadata": {"path": str(SOLUTIONS)}}).execute()
     import moe_utils.grading
 
     assert node.cells[0].outputs[0]["text"].split()[1] == moe_utils.grading.__file__, "the kernel runs another checkout"
-    return node
+    for name, (first, _) in spans.items():
+        said = "".join(o.get("text", "") for o in node.cells[first - 1].outputs)  # a stream may arrive in pieces
+        assert said == f"NOTEBOOK {name}\n", "a reset cell failed"
+    return {name: node.cells[a:b] for name, (a, b) in spans.items()}
 
 
-@pytest.mark.slow
-def test_masters_run_top_to_bottom_in_a_kernel_with_hidden_tests_passing():
-    for exercise in NAMES:
-        nb = _run_in_kernel(master(exercise))
-        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-        errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
-        assert not errors and text.count("PASS ") == 2 * len(EXERCISES[exercise]), text
+_MISTAKE = ("ex03_switch_capacity", {"buffer_positions": ("indices.t().reshape(-1)", "indices.reshape(-1)")})
 
 
-@pytest.mark.slow
-def test_under_nbgrader_a_mistake_costs_one_question_and_shows_only_the_message():
+@pytest.fixture(scope="module")
+def kernel_runs():
     from _grading_helpers import mutate
 
-    nb = _run_in_kernel(mutate("ex03_switch_capacity", {"buffer_positions": ("indices.t().reshape(-1)", "indices.reshape(-1)")}))
+    return _run_in_kernels({**{name: master(name) for name in NAMES}, "mistake": mutate(*_MISTAKE)})
+
+
+@pytest.mark.slow
+def test_masters_run_top_to_bottom_in_a_kernel_with_hidden_tests_passing(kernel_runs):
+    for exercise in NAMES:
+        cells = kernel_runs[exercise]
+        text = "".join(o.get("text", "") for c in cells if c.cell_type == "code" for o in c.outputs)
+        errors = [o for c in cells for o in c.get("outputs", []) if o.output_type == "error"]
+        assert not errors and text.count("PASS ") == 2 * len(EXERCISES[exercise]), (exercise, text)
+
+
+@pytest.mark.slow
+def test_under_nbgrader_a_mistake_costs_one_question_and_shows_only_the_message(kernel_runs):
+    cells = kernel_runs["mistake"]
     failed = {c.metadata["nbgrader"]["grade_id"]: [o for o in c.outputs if o.output_type == "error"]
-              for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade", False)}
-    assert [k for k, v in failed.items() if v] == ["test_buffer_positions"]
+              for c in cells if c.metadata.get("nbgrader", {}).get("grade", False)}
+    assert len(failed) == len(EXERCISES[_MISTAKE[0]]) and [k for k, v in failed.items() if v] == ["test_buffer_positions"]
     (err,) = failed["test_buffer_positions"]
     assert err["ename"] == "CheckFailed" and len(err["traceback"]) == 1
     assert "expected:" in err["traceback"][0] and "hint:" in err["traceback"][0] and "checks.py" not in err["traceback"][0]

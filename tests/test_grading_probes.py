@@ -5,7 +5,9 @@ each now has to fail to cheat.
 Probes that start processes mark them (see ``_grading_helpers``), assert they are gone
 after grading, and end any that are left, by process id. The fork bomb is 50
 sleeping processes and the memory hog 2 GiB: bounded on a shared machine even where
-a limit did not work.
+a limit did not work. One worker pool serves the in-process probes (folder mode too);
+the command line is run twice (one notebook, a folder), as a lecturer runs it, each
+run carrying several probes: every run starts Python, torch and a worker.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 import textwrap
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,7 @@ from moe_utils.grading import EXERCISES, WorkerPool, grade_folder, grade_noteboo
 from moe_utils.grading.grader import write_csv
 
 EX01, EX02, EX03, EX05 = "ex01_router_topk", "ex02_balance_losses", "ex03_switch_capacity", "ex05_dispatch_metadata"
+EX04 = "ex04_mixtral_block"
 # "auto" uses bubblewrap where it works; MOE_GRADING_TEST_SANDBOX=none runs the probes without it
 SANDBOX = os.environ.get("MOE_GRADING_TEST_SANDBOX", "auto")
 
@@ -112,13 +116,13 @@ _SABOTEUR = textwrap.dedent("""\
     """)
 
 
-def test_probe_folder_sabotage_by_a_detached_process_holding_the_result_pipe(tmp_path, marker):
+def test_probe_folder_sabotage_by_a_detached_process_holding_the_result_pipe(pool, tmp_path, marker):
     subs = tmp_path / "subs"
     settle = "class _Settle:\n    import time\n    time.sleep(0.3)  # the writer is up before grading goes on\n"
     write(subs / "a_saboteur", EX01, add_cell(student(EX01), _detached(_SABOTEUR, marker) + settle))
     for name, ex in (("b_alice", EX01), ("c_bob", EX03), ("d_carol", EX05)):
         write(subs / name, ex, master(ex))
-    reports = {r.student: r for r in grade_folder(subs, timeout=5.0, sandbox=SANDBOX)}
+    reports = {r.student: r for r in grade_folder(subs, timeout=5.0, pool=pool)}
     assert {s: reports[s].score for s in ("b_alice", "c_bob", "d_carol")} == {
         "b_alice": _total(EX01), "c_bob": _total(EX03), "d_carol": _total(EX05)}, {
         s: [q.message for q in r.questions if q.status != "pass"] for s, r in reports.items()}
@@ -262,10 +266,10 @@ def test_probe_plain_import_moe_utils_then_attribute_access(pool, tmp_path):
     assert points(report) == {"switch_aux_loss": 0, "topk_aux_loss": 3, "router_z_loss": 0}
 
 
-# -- finding 4: reports and the grader's own files --------------------------------------
+# -- finding 4: reports and the grader's own files; the command line ------------------------
 
 
-def test_probe_detached_process_rewrites_the_json_report_after_the_grader_exits(tmp_path, marker):
+def test_cli_one_notebook_json_and_junit_and_a_detached_process_cannot_rewrite_the_report(tmp_path, marker):
     report_path = tmp_path / "r.json"
     rewriter = textwrap.dedent(f"""\
         import json, os, time
@@ -281,12 +285,23 @@ def test_probe_detached_process_rewrites_the_json_report_after_the_grader_exits(
         except Exception:
             pass
         """)
-    write(tmp_path, EX01, add_cell(student(EX01), _detached(rewriter, marker)))
-    proc = cli("grade", f"{EX01}.ipynb", "--json", "r.json", "--sandbox", SANDBOX, cwd=tmp_path)
-    assert proc.returncode in (0, 3), proc.stderr[-2000:]
-    time.sleep(1.5)
-    assert json.loads(report_path.read_text())["score"] == 0
+    nb = mutate(EX03, {"expert_capacity": ("num_experts))", "num_experts) + 1)")})
+    path = write(tmp_path, EX03, add_cell(nb, _detached(rewriter, marker)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's grader, not an installed one
+    proc = cli("grade", path.name, "--json", "r.json", "--junit", "r.xml", "--sandbox", "none", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "expert_capacity" in proc.stdout and "8/10" in proc.stdout
+    time.sleep(1.5)  # the rewriter, had it survived grading, would have struck by now
     assert wait_gone(marker) == []
+    data = json.loads(report_path.read_text())
+    assert data["score"] == 8 and data["max_score"] == 10 and data["exercise"] == EX03
+    assert {q["name"]: q["status"] for q in data["questions"]}["expert_capacity"] == "fail"
+    assert data["grading"]["sandbox"] == "rlimits" and isinstance(data["grading"]["seed"], int)
+    suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
+    assert suite.get("tests") == "4" and suite.get("failures") == "1"
+    assert [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None] == ["expert_capacity"]
+    assert str(tmp_path) not in report_path.read_text() + (tmp_path / "r.xml").read_text()
+
 
 
 def _package_copy(tmp_path: Path) -> tuple[Path, dict]:
@@ -294,69 +309,73 @@ def _package_copy(tmp_path: Path) -> tuple[Path, dict]:
     pkg = tmp_path / "pkg"
     shutil.copytree(ROOT / "moe_utils", pkg / "moe_utils", ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, PYTHONPATH=str(pkg), PYTHONDONTWRITEBYTECODE="1")
-    return pkg / "moe_utils" / "grading" / "grader.py", env
+    return pkg / "moe_utils" / "grading", env
 
 
-@pytest.mark.slow
-def test_probe_submission_appends_code_to_the_graders_source(tmp_path):
-    target, env = _package_copy(tmp_path)
-    before = target.read_bytes()
-    payload = (
-        "\n\ntry:\n"
-        "    def _summarise(q, msg, max_print):\n"
-        "        return QuestionResult(q.name, q.points, q.points, 'pass', '')\n"
-        "except Exception:\n"
-        "    pass\n"
-    )
-    attack = textwrap.dedent(f"""\
-        class _Append:
-            try:
-                with open({str(target)!r}, "a") as _fh:
-                    _fh.write({payload!r})
-            except Exception:
-                pass
-        """)
-    write(tmp_path / "one", EX03, add_cell(student(EX03), attack))
-    cli("grade", "one", "--csv", "one.csv", "--sandbox", SANDBOX, cwd=tmp_path, env=env)
-    assert target.read_bytes() == before, "the submission changed the grader's source"
-    write(tmp_path / "two", EX03, student(EX03))
-    cli("grade", "two", "--csv", "two.csv", "--sandbox", SANDBOX, cwd=tmp_path, env=env)
-    rows = list(csv.DictReader((tmp_path / "two.csv").open()))
-    assert float(rows[0]["total"]) == 0
-
-
-@pytest.mark.slow
-def test_probe_in_place_rewrite_of_the_graders_source_is_reported(tmp_path):
-    target, env = _package_copy(tmp_path)
-    before = target.read_bytes()
-    attack = textwrap.dedent(f"""\
-        class _Overwrite:
-            try:
-                with open({str(target)!r}, "r+b") as _fh:
-                    _fh.write(b"'''TAMPERED")
-            except Exception:
-                pass
-        """)
-    write(tmp_path / "subs" / "mallory", EX03, add_cell(student(EX03), attack))
-    write(tmp_path / "subs" / "alice", EX03, master(EX03))
-    proc = cli("grade", "subs", "--csv", "g.csv", "--sandbox", SANDBOX, cwd=tmp_path, env=env)
-    if target.read_bytes() == before:  # a sandbox (bubblewrap) stopped the write
-        return
-    assert proc.returncode == 3
-    assert "mallory" in proc.stderr and "changed" in proc.stderr
+def test_cli_folder_into_csv_json_junit_with_symlinks_pipes_and_attacks_on_the_graders_source(tmp_path):
+    grading, env = _package_copy(tmp_path)  # the command runs from a copy the attacks may hit
+    appended, emptied = grading / "grader.py", grading / "pool.py"
+    before = appended.read_bytes()
+    subs = tmp_path / "submitted"
+    payload = ("\n\ntry:\n    def _judge(q, plan, result, max_print):\n"
+               "        return QuestionResult(q.name, q.points, q.points, 'pass', '')\nexcept Exception:\n    pass\n")
+    for name, nb in {
+        "alice": master(EX04),
+        "bob": student(EX04),
+        "carol": mutate(EX04, {"mixtral_block_forward": (
+            "(top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)", "top_p.to(x.dtype)")}),
+        "dave": mutate(EX04, {"swiglu_expert": "from moe_utils.experts import SwiGLU"}),
+        # without a sandbox (the harder case; a sandbox would hide the copy): appending needs
+        # the file to grow, which the file-size limit stops; emptying it does not, so that is
+        # detected, the submission named, its grade withheld, and the command exits with 3
+        "eve": add_cell(master(EX04), f"class _Append:\n    try:\n        open({str(appended)!r}, 'a').write("
+                                      f"{payload!r})\n    except Exception:\n        pass\n"),
+        "mallory": add_cell(master(EX04), f"class _Empty:\n    open({str(emptied)!r}, 'w').close()\n"),
+    }.items():
+        write(subs / name, EX04, nb)
+    # a symlink to the master must not earn its marks; a named pipe must not hang the grader
+    (subs / "erin").mkdir()
+    (subs / "erin" / f"{EX04}.ipynb").symlink_to(ROOT / "exercises" / "solutions" / f"{EX04}.ipynb")
+    (subs / "frank").symlink_to(subs / "alice", target_is_directory=True)
+    (subs / "gina").mkdir()
+    os.mkfifo(subs / "gina" / f"{EX04}.ipynb")
+    proc = cli("grade", "submitted", "--csv", "grades.csv", "--json", "all.json", "--junit", "all.xml",
+               "--sandbox", "none", cwd=tmp_path, env=env, timeout=180)
+    assert appended.read_bytes() == before, "a submission appended to the grader's source"
+    assert emptied.read_bytes() == b"", "the probe did not empty the file: it tests nothing"
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "while mallory was being graded" in proc.stderr and "while eve was" not in proc.stderr, proc.stderr
+    rows = {r["student"]: r for r in csv.DictReader((tmp_path / "grades.csv").open())}
+    assert {s: (r["swiglu_expert"], r["mixtral_block_forward"], r["total"], r["max"]) for s, r in rows.items()} == {
+        "alice": ("2", "4", "6", "6"),
+        "bob": ("0", "0", "0", "6"),
+        "carol": ("2", "0", "2", "6"),
+        "dave": ("0", "4", "4", "6"),
+        "erin": ("0", "0", "0", "6"),
+        "eve": ("2", "4", "6", "6"),
+        "gina": ("0", "0", "0", "6"),
+        "mallory": ("0", "0", "0", "6"),
+    }
+    assert rows["carol"]["problems"].startswith("mixtral_block_forward: fail")
+    assert "moe_utils.experts" in rows["dave"]["flags"] and rows["alice"]["flags"] == ""
+    assert "symbolic link" in rows["erin"]["problems"] and "regular file" in rows["gina"]["problems"]
+    assert "withheld" in rows["mallory"]["problems"] and "withheld" not in rows["eve"]["problems"]
+    assert len(json.loads((tmp_path / "all.json").read_text())["submissions"]) == 8
+    assert len(ET.parse(tmp_path / "all.xml").getroot().findall("testsuite")) == 8
+    assert "alice" in proc.stdout and "grades.csv" in proc.stdout
 
 
 # -- findings 5 and 6: a killed parent, forks, memory -------------------------------------
 
 
-def test_probe_killed_parent_costs_one_question_not_the_run(tmp_path):
+def test_probe_killed_parent_costs_one_question_not_the_run(pool, tmp_path):
     killer = mutate(EX01, {"router_probs": ("return torch.softmax", (
         "import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    return torch.softmax"))})
     subs = tmp_path / "subs"
     write(subs / "a_killer", EX01, killer)
     write(subs / "b_alice", EX01, master(EX01))
     write(subs / "c_bob", EX02, master(EX02))
-    reports = grade_folder(subs, sandbox=SANDBOX)
+    reports = grade_folder(subs, pool=pool)
     write_csv(reports, tmp_path / "grades.csv")
     rows = {r["student"]: r for r in csv.DictReader((tmp_path / "grades.csv").open())}
     assert float(rows["b_alice"]["total"]) == _total(EX01)
@@ -393,6 +412,7 @@ def test_probe_fork_bomb_of_sleeping_processes_is_gone_after_grading(pool, tmp_p
 def test_probe_memory_hog_is_stopped_by_a_limit(pool, tmp_path):
     hog = mutate(EX01, {"router_logits": ("return x.float()", (
         "if not _HOG:\n"
+        "        _HOG.append(None)  # one attempt per process, not one per case\n"
         "        _HOG.append([torch.ones(64 * 2**20) for _ in range(8)])  # 2 GiB, touched\n"
         "    return x.float()"))})
     hog = add_cell(hog, "_HOG = []")
@@ -428,15 +448,15 @@ def test_probe_naive_log_sum_exp_overflows_in_float32(pool, tmp_path, naive):
 
 def test_probe_hang_at_load_time_costs_only_what_it_must(pool, tmp_path):
     nb = add_cell(master(EX02), "class Spin:\n    while True:\n        pass")
-    report = grade_notebook(write(tmp_path, EX02, nb), timeout=2.0, pool=pool)
+    report = grade_notebook(write(tmp_path, EX02, nb), timeout=0.5, pool=pool)
     assert points(report) == _full(EX02), [q.message for q in report.questions]
     # skipped once, for every question (a question that hung again would be "not graded")
-    assert [e for e in report.load_errors if "Spin" in e] == ["cell 14: `class Spin:` did not finish within 2 s "
+    assert [e for e in report.load_errors if "Spin" in e] == ["cell 14: `class Spin:` did not finish within 0.5 s "
                                                                "while loading: skipped (top-level code that should "
                                                                "not run when grading)"]
 
 
-def test_probe_unreadable_notebook_without_exnn_in_its_name(tmp_path):
+def test_probe_unreadable_notebook_without_exnn_in_its_name(pool, tmp_path):
     subs = tmp_path / "subs"
     write(subs / "alice", EX02, master(EX02))
     (subs / "bob").mkdir()
@@ -444,27 +464,10 @@ def test_probe_unreadable_notebook_without_exnn_in_its_name(tmp_path):
     broken = json.dumps(master(EX02)).replace('"cells": [', '"cells": [[', 1)
     (subs / "carol").mkdir()
     (subs / "carol" / "mywork.ipynb").write_text(broken)
-    reports = {r.student: r for r in grade_folder(subs, sandbox=SANDBOX)}
+    reports = {r.student: r for r in grade_folder(subs, pool=pool)}
     assert {s: (r.score, r.max_score) for s, r in reports.items()} == {
         "alice": (8, 8), "bob": (0, 8), "carol": (0, 8)}
     assert all(r.error for s, r in reports.items() if s != "alice")
-
-
-def test_probe_symlinks_and_pipes_in_the_submissions_folder(tmp_path):
-    # a symlink to the master must not earn its marks; a named pipe must not hang the grader
-    subs = tmp_path / "subs"
-    write(subs / "carol", EX01, master(EX01))
-    (subs / "alice").mkdir()
-    (subs / "alice" / f"{EX01}.ipynb").symlink_to(ROOT / "exercises" / "solutions" / f"{EX01}.ipynb")
-    (subs / "bob").symlink_to(subs / "carol", target_is_directory=True)
-    (subs / "dave").mkdir()
-    os.mkfifo(subs / "dave" / f"{EX01}.ipynb")
-    proc = cli("grade", "subs", "--csv", "grades.csv", "--sandbox", SANDBOX, cwd=tmp_path, timeout=120)
-    assert proc.returncode in (0, 3), proc.stderr[-2000:]
-    rows = {r["student"]: r for r in csv.DictReader((tmp_path / "grades.csv").open())}
-    assert {s: (r["total"], r["max"]) for s, r in rows.items()} == {
-        "alice": ("0", "8"), "carol": ("8", "8"), "dave": ("0", "8")}
-    assert "symbolic link" in rows["alice"]["problems"] and "regular file" in rows["dave"]["problems"]
 
 
 def test_probe_annotations_are_evaluated_like_a_top_to_bottom_run(pool, tmp_path):

@@ -2,8 +2,8 @@
 
 ``python -m moe_utils.grading NOTEBOOK`` (no sub-command) is short for ``grade NOTEBOOK``.
 Exit status of ``grade``: 0 when graded (whatever the scores), 2 for bad arguments,
-3 when a submission changed the grader's own files (its grade is void; restore the
-files before grading again).
+3 when the grader's own files changed during the run (the grade of a submission whose
+code was running at the time is withheld; restore the files before grading again).
 """
 
 from __future__ import annotations
@@ -56,17 +56,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tampering(reports) -> bool:
-    """Say loudly which submission changed the grader's files; True if any did."""
+    """Say loudly which files of the grader changed, and while whose code ran; True if any did."""
     bad = [r for r in reports if r.tampered]
-    late = GUARD.changed()  # after every student process ended, before any report is written
+    outside = list(dict.fromkeys(GUARD.outside + GUARD.changed()))  # the last check: after every student process
     for r in bad:
         who = r.student or r.notebook
-        print(f"WARNING: {who} changed the grader's own files ({', '.join(r.tampered[:5])}); its grade is void. "
-              "Restore the files (git checkout) before grading again.", file=sys.stderr)
-    if late:
-        print(f"WARNING: the grader's own files changed during this run ({', '.join(late[:5])}). "
-              "Restore them (git checkout) before grading again.", file=sys.stderr)
-    return bool(bad or late)
+        print(f"WARNING: the grader's own files changed while {who} was being graded ({', '.join(r.tampered[:5])}); "
+              "its grade is withheld. If you (an editor, git) did not change them, that submission did: restore "
+              "them (git checkout) before grading again.", file=sys.stderr)
+    if outside:
+        print(f"WARNING: the grader's own files changed during this run while no submission's code was running "
+              f"({', '.join(outside[:5])}). Restore them (git checkout), or commit the change, before grading "
+              "again.", file=sys.stderr)
+    return bool(bad or outside)
 
 
 def main(argv: list[str] | None = None) -> int:

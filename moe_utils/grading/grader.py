@@ -9,11 +9,15 @@ exactly once, compares (``runner.py``) and scores. An exception, a timeout,
 ``sys.exit``, a killed process, wrong shapes or dtypes, in-place edits of the
 inputs, too much printing, a syntax error or a missing function each cost that
 question's points, with a message, and grading goes on with the next question.
+Every question that does not pass says why; what the machine did (a worker that did
+not start, a machine too busy to finish) is reported as "not graded", never charged
+to the student as a timeout or a crash.
 
 Reports are written after every student process has ended, each file atomically.
-The grader's own source files are hashed when it starts and checked after every
-submission and before any report is written: a submission that changed them is
-named, its grade voided, and the run exits with status 3.
+The grader's own source files are hashed when it starts and checked before and
+after every question: a change while a submission's code ran withholds that
+submission's grade (every question "not graded", saying why), a change while none
+ran is noted, and either way the command exits with status 3.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ class NotebookReport:
     load_errors: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)  # for the lecturer: course package use, suspicious code
     error: str | None = None
-    tampered: list[str] = field(default_factory=list)  # grader files the submission changed
+    tampered: list[str] = field(default_factory=list)  # grader files that changed while its code ran
     seconds: float = 0.0
     grading: dict = field(default_factory=dict)  # sandbox mode, seed, notes
 
@@ -98,19 +102,39 @@ class NotebookReport:
 
 
 class SourceGuard:
-    """Hashes of the course package's source files, taken when the grader starts."""
+    """Hashes of the course package's source files, taken when the grader starts.
+
+    A file is hashed again only when its status changes (inode, size, modification or
+    change time, in nanoseconds), or while it changed within the last two seconds (a
+    second change within the file system's clock tick keeps the times): any write updates
+    the change time, which not even ``os.utime`` can set back, so the checks before and
+    after every question cost a few stat calls, not reading the package.
+    """
+
+    racy_ns = 2_000_000_000  # a file changed this recently is hashed again anyway
 
     def __init__(self, root: Path = PACKAGE_DIR):
         self.root = Path(root)
+        self._known: dict[str, tuple] = {}  # name -> (status, hash)
         self.snapshot = self._hashes()
+        self.outside: list[str] = []  # changes seen while no submission's code was running
 
     def _hashes(self) -> dict[str, str]:
         out = {}
         for path in sorted(self.root.rglob("*.py")):
+            name = path.relative_to(self.root.parent).as_posix()
             try:
-                out[path.relative_to(self.root.parent).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+                st = path.stat()
+                key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                known = self._known.get(name)
+                recent = time.time_ns() - st.st_ctime_ns < self.racy_ns
+                if known is None or known[0] != key or recent:
+                    known = (key, hashlib.sha256(path.read_bytes()).hexdigest())
+                    self._known[name] = known
+                out[name] = known[1]
             except OSError:
-                out[path.relative_to(self.root.parent).as_posix()] = "unreadable"
+                self._known.pop(name, None)
+                out[name] = "unreadable"
         return out
 
     def changed(self) -> list[str]:
@@ -213,10 +237,25 @@ def _signal_name(code) -> str:
         return ""
 
 
+def _busy_machine(out: Outcome, limit: float) -> str:
+    """Why a question was not graded when the machine, not the code, ran out of time."""
+    if out.status == "unavailable":
+        return f"not graded: {out.detail or 'the grading worker did not answer'}; grade it again"
+    return (f"not graded: no answer after {out.wall:.1f} s, although the code had used only {out.charged:.1f} s of "
+            f"its {limit:g} s: it spent {out.waited:.1f} s waiting for a CPU (the machine is overloaded, or the code "
+            "started processes that compete with it); grade it again on a quieter machine, or with a longer --timeout")
+
+
+def _timed_out(out: Outcome, timeout: float) -> str:
+    waited = f"; {out.waited:.1f} s spent waiting for a busy CPU were not counted" if out.waited >= 0.05 else ""
+    return (f"no answer within {timeout:g} s (an infinite loop, a sleep, or far too slow{waited}); "
+            "the process was stopped")
+
+
 def _died(q: Question, out: Outcome, timeout: float, memory_mb: int) -> QuestionResult:
     if out.status == "zygote_died":
-        msg = ("the grading process that ran this question was killed (did the code kill its parent process?); "
-               "the question is lost and grading went on")
+        msg = ("the grading process that ran this question was killed or stopped (did the code signal its parent "
+               "process?); the question is lost and grading went on")
     elif out.reason:
         msg = f"the code {out.reason}; they were all stopped"
     else:
@@ -289,10 +328,11 @@ def grade_notebook(
 
 def _grade(path: Path, timeout: float, exercise: str | None, pool: WorkerPool, max_print: int,
            display_base: Path | None) -> NotebookReport:
+    start_error = ""
     try:
         pool.ensure()  # start-up (importing torch) is not the notebook's time
-    except WorkerGone:
-        pass  # retried, and reported per question, below
+    except WorkerGone as exc:
+        start_error = f"not graded: {exc}; grade it again"
     start = time.monotonic()
     nb, err = read_notebook(path)
     ex = extract_definitions(nb) if nb is not None else None
@@ -309,18 +349,45 @@ def _grade(path: Path, timeout: float, exercise: str | None, pool: WorkerPool, m
         if err is not None:
             report.error = err
             report.questions = [QuestionResult(q.name, 0, q.points, "not graded", err) for q in questions_for(exercise)]
+        elif start_error:
+            report.error = start_error
+            report.questions = [QuestionResult(q.name, 0, q.points, "not graded", start_error)
+                                for q in questions_for(exercise)]
         else:
             _run_questions(report, ex, exercise, pool, timeout, max_print, path)
-    report.tampered = GUARD.changed()
     if report.tampered:
-        report.error = ("the submission changed the grader's own files (" + ", ".join(report.tampered[:5])
-                        + "): its grade is void; restore them (git checkout) before grading again")
-        for q in report.questions:
-            q.points = 0
+        _withhold(report)
+    _every_loss_explained(report)
     report.score = float(sum(q.points for q in report.questions))
     report.seconds = round(time.monotonic() - start, 3)
     _sanitise(report)
     return report
+
+
+def _withhold(report: NotebookReport) -> None:
+    """The grader's files changed while this submission's code ran: no points, and why."""
+    files = ", ".join(report.tampered[:5])
+    report.error = (f"the grader's own files changed while this submission's code was running ({files}): its "
+                    "grade is withheld. If you (an editor, git) changed them, grade it again; if not, this "
+                    "submission did: restore them (git checkout) before grading anything again")
+    for q in report.questions:
+        before = f"{q.status}, {q.points:g}/{q.max_points:g}"
+        detail = f": {q.message}" if q.message else ""
+        q.message = (f"not graded: the grader's own files ({files}) changed while this submission's code was "
+                     f"running, so its grade is withheld (see the report's error). Before that check: {before}"
+                     f"{detail}")
+        q.points, q.status = 0, "not graded"
+
+
+def _every_loss_explained(report: NotebookReport) -> None:
+    """No question loses points without a reason a TA can read (a last safety net)."""
+    for q in report.questions:
+        bug = "(a grader bug; please report it with the notebook)"
+        if q.status == "pass" and q.points != q.max_points:
+            q.status = "not graded"
+            q.message = q.message or f"not graded: the points were taken away without a reason {bug}"
+        if q.status != "pass" and not str(q.message).strip():
+            q.message = f"{q.status}: no reason was recorded {bug}"
 
 
 def _run_questions(report: NotebookReport, ex: Extraction, exercise: str, pool: WorkerPool, timeout: float,
@@ -340,7 +407,7 @@ def _run_questions(report: NotebookReport, ex: Extraction, exercise: str, pool: 
             report.questions.append(QuestionResult(q.name, 0, q.points, "not graded", load_given_up))
             continue
         while True:
-            out = pool.run({**plan.jobs[q.name], **base, "skip": list(skip)}, timeout, timeout)
+            out = _watched_run(report, pool, {**plan.jobs[q.name], **base, "skip": list(skip)}, timeout)
             stuck = out.status in ("load_timeout", "died", "zygote_died") and out.loaded is None
             if stuck and out.statement is not None and out.statement not in skip and len(skip) < _MAX_SKIPPED:
                 # a top-level statement hung or ended the process while loading: load again without it
@@ -369,14 +436,17 @@ def _run_questions(report: NotebookReport, ex: Extraction, exercise: str, pool: 
                     report.flags.append(flag)
             if res.status == "missing" and ex.syntax_errors:
                 res.message += " (a cell with a syntax error was skipped: " + "; ".join(ex.syntax_errors) + ")"
+        elif out.status in ("unavailable", "overloaded"):
+            res = QuestionResult(q.name, 0, q.points, "not graded", _busy_machine(out, timeout))
+            if out.status == "unavailable":
+                load_given_up = res.message  # no worker: do not wait for one again question after question
         elif out.loaded is None and out.status in ("load_timeout", "died", "zygote_died"):
             load_given_up = (f"loading your definitions did not finish within {timeout:g} s" if out.status ==
                              "load_timeout" else "loading your definitions ended the process")
             load_given_up += ": look for top-level code"
             res = QuestionResult(q.name, 0, q.points, "not graded", load_given_up)
         elif out.status == "timeout":
-            res = QuestionResult(q.name, 0, q.points, "timeout",
-                                 f"no answer within {timeout:g} s (an infinite loop, or far too slow); the process was stopped")
+            res = QuestionResult(q.name, 0, q.points, "timeout", _timed_out(out, timeout))
         elif out.status == "invalid":
             res = QuestionResult(q.name, 0, q.points, "fail",
                                  f"the student process's answer could not be used: {out.detail} (did the code write "
@@ -389,7 +459,23 @@ def _run_questions(report: NotebookReport, ex: Extraction, exercise: str, pool: 
         res.seconds = round(time.monotonic() - t0, 3)
         report.questions.append(res)
     report.grading["sandbox"] = pool.mode
-    report.grading["notes"] = list(pool.notes)
+    report.grading["notes"] = list(pool.notes) + [n for n in report.grading.get("notes", []) if n not in pool.notes]
+
+
+def _watched_run(report: NotebookReport, pool: WorkerPool, job: dict, timeout: float) -> Outcome:
+    """``pool.run``, with the grader's files checked just before and just after: a change
+    seen after is this submission's doing (or happened while its code ran), one seen
+    before happened while none of its code was running."""
+    for name in GUARD.changed():
+        GUARD.outside.append(name)
+        note = f"the grader's own files changed while none of this submission's code was running ({name})"
+        if note not in report.grading.setdefault("notes", []):
+            report.grading["notes"].append(note)
+    out = pool.run(job, timeout, timeout)
+    for name in GUARD.changed():
+        if name not in report.tampered:
+            report.tampered.append(name)
+    return out
 
 
 def _sanitise(report: NotebookReport) -> None:
