@@ -73,7 +73,7 @@ def test_hidden_inputs_come_from_the_seed_and_public_inputs_do_not(q):
 def test_exercise_totals():
     assert {e: sum(q.points for q in qs) for e, qs in EXERCISES.items()} == {
         "ex01_router_topk": 8, "ex02_balance_losses": 8, "ex03_switch_capacity": 10,
-        "ex04_mixtral_block": 6, "ex05_dispatch_metadata": 10}
+        "ex04_mixtral_block": 6, "ex05_dispatch_metadata": 10, "ex09_beyond_topk": 10}
     assert all(EXERCISE_INFO[e].moe_utils_allowed == () for e in EXERCISES)
 
 

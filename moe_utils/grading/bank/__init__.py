@@ -7,9 +7,23 @@ guide is ``exercises/README.md``, "Adding an exercise".
 
 from __future__ import annotations
 
-from . import ex01_router_topk, ex02_balance_losses, ex03_switch_capacity, ex04_mixtral_block, ex05_dispatch_metadata
+from . import (
+    ex01_router_topk,
+    ex02_balance_losses,
+    ex03_switch_capacity,
+    ex04_mixtral_block,
+    ex05_dispatch_metadata,
+    ex09_beyond_topk,
+)
 
-MODULES = [ex01_router_topk, ex02_balance_losses, ex03_switch_capacity, ex04_mixtral_block, ex05_dispatch_metadata]
+MODULES = [
+    ex01_router_topk,
+    ex02_balance_losses,
+    ex03_switch_capacity,
+    ex04_mixtral_block,
+    ex05_dispatch_metadata,
+    ex09_beyond_topk,
+]
 ALL = [m.EXERCISE for m in MODULES]
 
 __all__ = ["ALL", "MODULES"]
