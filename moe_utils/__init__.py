@@ -9,9 +9,27 @@ from .accounting import ModelConfig, ParameterCount, count_parameters, flops_per
 from .capacity import buffer_positions, capacity_mask, expert_capacity
 from .dispatch import moe_ffn, moe_ffn_reference
 from .experts import ExpertBank, FeedForward, SwiGLU
-from .layers import DenseFFN, MoELayer, MoEOutput, mixtral_layer, switch_layer
+from .layers import (
+    DenseFFN,
+    MoELayer,
+    MoEOutput,
+    SharedExpertMoELayer,
+    deepseek_layer,
+    mixtral_layer,
+    switch_layer,
+    upcycled_layer,
+)
 from .losses import cv_squared, router_z_loss, switch_load_balancing_loss, topk_load_balancing_loss
-from .routers import NoisyTopKRouter, Routing, SwitchRouter, TopKRouter
+from .routers import (
+    BiasBalancedRouter,
+    ExpertChoiceRouter,
+    HashRouter,
+    NoisyTopKRouter,
+    RandomRouter,
+    Routing,
+    SwitchRouter,
+    TopKRouter,
+)
 
 __version__ = "0.1.0"
 
@@ -31,13 +49,20 @@ __all__ = [
     "DenseFFN",
     "MoELayer",
     "MoEOutput",
+    "SharedExpertMoELayer",
+    "deepseek_layer",
     "mixtral_layer",
     "switch_layer",
+    "upcycled_layer",
     "cv_squared",
     "router_z_loss",
     "switch_load_balancing_loss",
     "topk_load_balancing_loss",
+    "BiasBalancedRouter",
+    "ExpertChoiceRouter",
+    "HashRouter",
     "NoisyTopKRouter",
+    "RandomRouter",
     "Routing",
     "SwitchRouter",
     "TopKRouter",

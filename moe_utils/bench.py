@@ -155,14 +155,17 @@ def run_cpu(shapes=None, repeats: int = 5, backends=("reference", "torch"), seed
     return rows
 
 
-def run_lm_steps(repeats: int = 7, steps: int = 20, ffns=("dense", "switch", "mixtral")) -> dict:
+def run_lm_steps(repeats: int = 7, steps: int = 20, ffns=("dense", "switch", "mixtral"),
+                 configs: dict | None = None) -> dict:
     """Milliseconds per training step of notebook 07's language models, one thread each.
 
     The same step as ``moe_utils.train.train`` (forward, cross-entropy plus router losses,
-    backward, gradient clipping, AdamW) at ``COURSE_MODEL`` size, batch 16. The models are
-    timed in turns, ``steps`` steps per turn, and each model's fastest turn of ``repeats``
-    is kept (other work on the machine only ever adds time). Returns ``{"ms_per_step": {...},
-    "time_over_dense": {...}}``; all three models spend the same FFN FLOPs per token.
+    backward, gradient clipping, AdamW, ``after_optimizer_step``) at ``COURSE_MODEL`` size,
+    batch 16. The models are timed in turns, ``steps`` steps per turn, and each model's
+    fastest turn of ``repeats`` is kept (other work on the machine only ever adds time).
+    Returns ``{"ms_per_step": {...}, "time_over_dense": {...}}``; all three models spend the
+    same FFN FLOPs per token. ``configs``: ``{name: LMConfig}`` to time instead of ``ffns``
+    (notebook 09 times its routers this way; a model named ``"dense"`` gives the ratios).
     """
     from .data import corpus_tokens, get_batch
     from .model import LMConfig, TinyLM
@@ -173,10 +176,15 @@ def run_lm_steps(repeats: int = 7, steps: int = 20, ffns=("dense", "switch", "mi
     try:
         data = corpus_tokens()
         tc = TrainConfig(seed=0, **COURSE_TRAINING)
+        if configs is None:
+            configs = {ffn: LMConfig(ffn=ffn, **COURSE_MODEL) for ffn in ffns}
+        ffns = list(configs)
         state = {}
-        for ffn in ffns:
+        for ffn, config in configs.items():
+            if not isinstance(config, LMConfig):
+                raise TypeError(f"configs[{ffn!r}] must be an LMConfig, got {type(config).__name__}")
             torch.manual_seed(0)
-            model = TinyLM(LMConfig(ffn=ffn, **COURSE_MODEL))
+            model = TinyLM(config)
             state[ffn] = (model, _make_optimizer(model, tc), torch.Generator().manual_seed(0))
 
         def run(ffn, n):
@@ -188,6 +196,7 @@ def run_lm_steps(repeats: int = 7, steps: int = 20, ffns=("dense", "switch", "mi
                 (out.loss + out.aux_loss + out.z_loss).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 opt.step()
+                model.after_optimizer_step()
 
         best = {ffn: float("inf") for ffn in ffns}
         for ffn in ffns:

@@ -169,14 +169,18 @@ class ExpertBank(nn.Module):
 
     @classmethod
     def from_dense(cls, dense: nn.Module, num_experts: int) -> ExpertBank:
-        """Sparse upcycling: E exact copies of a dense ``SwiGLU``/``FeedForward``."""
+        """Sparse upcycling: E exact copies of a dense ``SwiGLU``/``FeedForward``, in its dtype and on its device."""
         if isinstance(dense, SwiGLU):
             kind = "swiglu"
+            ref = dense.w1.weight
         elif isinstance(dense, FeedForward):
             kind = "gelu"
+            ref = dense.fc1.weight
         else:
             raise TypeError(f"dense must be a SwiGLU or FeedForward, got {type(dense).__name__}")
-        bank = cls(num_experts, dense.d_model, dense.d_ff, kind=kind)
+        # the bank takes the dense weights' dtype: copying float64 weights into a float32 bank
+        # would round them, and the copies would no longer be exact
+        bank = cls(num_experts, dense.d_model, dense.d_ff, kind=kind).to(device=ref.device, dtype=ref.dtype)
         for e in range(num_experts):
             bank.load_expert(e, dense)
         return bank

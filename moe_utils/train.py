@@ -24,6 +24,15 @@ From the shell::
 
 From a notebook, ``load_or_train(config, steps, seed)`` returns a trained model
 from the cache folder (training and storing it the first time).
+
+After every ``optimizer.step()`` the loop calls ``model.after_optimizer_step()``, outside
+autograd: routers with state that is not learned by gradient update it there
+(``BiasBalancedRouter``'s bias); for every other model it does nothing.
+
+Continued training (notebook 09's sparse upcycling): ``train(..., init_state=state)``
+starts from given weights instead of a fresh initialisation; ``TrainConfig.init_from``
+must then hold ``state_digest(state)``, so that the cache key covers the starting point.
+``continue_training(config, state, steps, seed)`` builds such a job.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import torch
 
 from ._checks import check_positive_float, check_positive_int
 from .data import CORPUS_VERSION, CorpusTokens, cache_dir, corpus_tokens, fixed_batches, get_batch
-from .model import FFN_KINDS, LMConfig, TinyLM
+from .model import ALL_FFN_KINDS, LMConfig, TinyLM
 from .monitor import routing_stats
 
 __all__ = [
@@ -62,6 +71,8 @@ __all__ = [
     "save_trained",
     "trained_model_path",
     "save_checkpoint",
+    "state_digest",
+    "continue_training",
     "main",
 ]
 
@@ -88,6 +99,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     eval_seed: int = 1234
+    init_from: str | None = None  # state_digest of the starting weights (continued training), else None
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
@@ -103,6 +115,11 @@ class TrainConfig:
         check_positive_int("eval_every", self.eval_every)
         check_positive_int("eval_batches", self.eval_batches)
         check_positive_int("eval_seed", self.eval_seed, minimum=0)
+        if self.init_from is not None and not (
+            isinstance(self.init_from, str) and len(self.init_from) == 16
+            and all(c in "0123456789abcdef" for c in self.init_from)
+        ):
+            raise ValueError(f"init_from must be None or a state_digest (16 hex digits), got {self.init_from!r}")
 
 
 @dataclass
@@ -211,6 +228,35 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     return path
 
 
+def state_digest(state: dict) -> str:
+    """A 16-hex-digit SHA-256 of a state dict (names, dtypes, shapes and every value): what
+    ``TrainConfig.init_from`` holds for a run that starts from these weights."""
+    if not isinstance(state, dict) or not state:
+        raise TypeError("state must be a non-empty state dict {name: tensor}")
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state[{name!r}] must be a tensor, got {type(t).__name__}")
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _check_init(config: LMConfig, tc: TrainConfig, init_state: dict | None) -> None:
+    if init_state is None:
+        if tc.init_from is not None:
+            raise ValueError("train_config.init_from is set, so the starting weights must be passed as init_state")
+        return
+    digest = state_digest(init_state)
+    if tc.init_from != digest:
+        raise ValueError(
+            f"init_state has digest {digest} but train_config.init_from is {tc.init_from!r}; build the "
+            "TrainConfig with init_from=state_digest(init_state) (continue_training does)"
+        )
+
+
 def _check_data(data: CorpusTokens, seq_len: int) -> None:
     if not isinstance(data, CorpusTokens):
         raise TypeError(f"data must be a moe_utils.data.CorpusTokens, got {type(data).__name__}")
@@ -231,10 +277,13 @@ def train(
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
     device: str = "cpu",
+    init_state: dict | None = None,
 ) -> TrainResult:
     """Train a ``TinyLM(config)`` for ``train_config.steps`` optimizer steps.
 
     data:             token streams (default: the embedded corpus, ``corpus_tokens()``)
+    init_state:       start from these weights (a ``TinyLM(config)`` state dict) instead of the
+                      seeded initialisation; ``train_config.init_from`` must be its ``state_digest``
     checkpoint:       file to write every ``checkpoint_every`` steps and at the end
     resume:           continue from ``checkpoint`` when it exists (configs must match)
     progress:         show a tqdm bar
@@ -251,11 +300,14 @@ def train(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     tc = train_config
+    _check_init(config, tc, init_state)
     data = corpus_tokens() if data is None else data
     _check_data(data, config.seq_len)
 
     torch.manual_seed(tc.seed)
     model = TinyLM(config).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     opt = _make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, tc))
     gen = torch.Generator().manual_seed(tc.seed)
@@ -314,6 +366,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         lr = opt.param_groups[0]["lr"]
         opt.step()
+        model.after_optimizer_step()  # outside autograd: e.g. BiasBalancedRouter's bias update
         sched.step()
 
         record = {
@@ -366,10 +419,22 @@ def course_run(ffn: str, seed: int = 0, *, steps: int | None = None, **model_opt
 # ----------------------------------------------------------------------------- cache of trained models
 
 
+# Fields added after TRAINING_CODE_VERSION 3, with their defaults: left out of the cache key
+# while at the default, so that every run stored before they existed keeps its key.
+_ADDED_MODEL_FIELDS = {"hash_table": "random", "granularity": 2, "n_shared": 1, "bias_update_rate": 1e-3,
+                       "score_func": "softmax"}
+_ADDED_TRAIN_FIELDS = {"init_from": None}
+
+
+def _without_defaults(d: dict, added: dict) -> dict:
+    return {k: v for k, v in d.items() if not (k in added and v == added[k])}
+
+
 def _cache_key(config: LMConfig, tc: TrainConfig) -> str:
     blob = json.dumps(
-        {"model": config.to_dict(), "train": asdict(tc), "corpus": CORPUS_VERSION, "py": sys.version_info[:2],
-         "code": TRAINING_CODE_VERSION},
+        {"model": _without_defaults(config.to_dict(), _ADDED_MODEL_FIELDS),
+         "train": _without_defaults(asdict(tc), _ADDED_TRAIN_FIELDS), "corpus": CORPUS_VERSION,
+         "py": sys.version_info[:2], "code": TRAINING_CODE_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -412,6 +477,9 @@ def load_or_train(
             f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(TrainConfig.__dataclass_fields__)}"
         )
     tc = TrainConfig(steps=steps, seed=seed, **train_options)
+    if tc.init_from is not None:
+        raise ValueError("load_or_train trains from a fresh initialisation; for a run with init_from use "
+                         "train_many({name: (config, train_config, init_state)})")
     path = trained_model_path(config, tc, cache)
     if path.exists() and not retrain:
         return _load_trained(path, config, tc)
@@ -446,12 +514,13 @@ def save_trained(result: TrainResult, cache: str | os.PathLike | None = None) ->
 # ----------------------------------------------------------------------------- several runs at once
 
 
-def _train_job(config: LMConfig, tc: TrainConfig, data: CorpusTokens | None) -> tuple[dict, dict, float]:
+def _train_job(config: LMConfig, tc: TrainConfig, data: CorpusTokens | None,
+               init_state: dict | None = None) -> tuple[dict, dict, float]:
     """One run in a worker process: (state_dict, history, seconds). One thread per process,
     so a run computes exactly what ``train`` computes with ``torch.set_num_threads(1)``."""
     torch.set_num_threads(1)
     start = time.perf_counter()
-    result = train(config, tc, data, progress=False)
+    result = train(config, tc, data, progress=False, init_state=init_state)
     return result.model.state_dict(), result.history, time.perf_counter() - start
 
 
@@ -467,7 +536,9 @@ def train_many(
 ) -> dict:
     """Train several models at once, one single-threaded process per CPU core.
 
-    jobs:      ``{name: (LMConfig, TrainConfig)}``; returns ``{name: TrainResult}`` in the same order
+    jobs:      ``{name: (LMConfig, TrainConfig)}``, or ``(LMConfig, TrainConfig, init_state)`` for a run
+               that continues from given weights (``continue_training``); returns
+               ``{name: TrainResult}`` in the same order
     data:      token streams (default: the embedded corpus); a custom corpus is never cached
     workers:   processes at a time (default: one per CPU core, at most one per job)
     use_cache: load runs that ``load_or_train`` stored before, and store new ones there
@@ -482,25 +553,28 @@ def train_many(
     if not isinstance(jobs, dict) or not jobs:
         raise TypeError("jobs must be a non-empty dict {name: (LMConfig, TrainConfig)}")
     for name, job in jobs.items():
-        if not (isinstance(job, tuple) and len(job) == 2 and isinstance(job[0], LMConfig)
-                and isinstance(job[1], TrainConfig)):
-            raise TypeError(f"jobs[{name!r}] must be a tuple (LMConfig, TrainConfig), got {job!r}")
+        if not (isinstance(job, tuple) and len(job) in (2, 3) and isinstance(job[0], LMConfig)
+                and isinstance(job[1], TrainConfig) and (len(job) == 2 or isinstance(job[2], dict))):
+            raise TypeError(f"jobs[{name!r}] must be a tuple (LMConfig, TrainConfig) or (LMConfig, TrainConfig, "
+                            f"init_state), got {job!r}")
+        _check_init(job[0], job[1], job[2] if len(job) == 3 else None)
     if workers is not None:
         check_positive_int("workers", workers)
     cacheable = use_cache and data is None
     results: dict = {}
     todo = {}
-    for name, (config, tc) in jobs.items():
+    for name, job in jobs.items():
+        config, tc = job[0], job[1]
         path = trained_model_path(config, tc, cache)
         if cacheable and path.exists():
             results[name] = _load_trained(path, config, tc)
             if report is not None:
                 report(f"{name}: loaded from the cache, validation loss {results[name].final_val_loss:.3f}")
         else:
-            todo[name] = (config, tc)
+            todo[name] = (config, tc, job[2] if len(job) == 3 else None)
 
     def finish(name, state, history, seconds):
-        config, tc = todo[name]
+        config, tc, _ = todo[name]
         model = TinyLM(config)
         model.load_state_dict(state)
         results[name] = TrainResult(model.to(device), config, tc, history, seconds)
@@ -514,9 +588,9 @@ def train_many(
         if device == "cpu":
             torch.set_num_threads(1)  # what a worker uses: the same numbers either way
         try:
-            for name, (config, tc) in todo.items():
+            for name, (config, tc, init_state) in todo.items():
                 start = time.perf_counter()
-                r = train(config, tc, data, progress=False, device=device)
+                r = train(config, tc, data, progress=False, device=device, init_state=init_state)
                 finish(name, r.model.state_dict(), r.history, time.perf_counter() - start)
         finally:
             torch.set_num_threads(threads)
@@ -529,7 +603,8 @@ def train_many(
         with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
             # longest runs first (MoE steps cost more than dense ones), so no core idles at the end
             order = sorted(todo, key=lambda n: -todo[n][1].steps * (1.0 if todo[n][0].ffn == "dense" else 1.4))
-            futures = {pool.submit(_train_job, *todo[name], data): name for name in order}
+            futures = {pool.submit(_train_job, todo[name][0], todo[name][1], data, todo[name][2]): name
+                       for name in order}
             for fut in as_completed(futures):
                 name = futures[fut]
                 try:
@@ -540,6 +615,23 @@ def train_many(
     return {name: results[name] for name in jobs}
 
 
+def continue_training(config: LMConfig, init_state: dict, steps: int, seed: int = 0,
+                      **train_options) -> tuple[LMConfig, TrainConfig, dict]:
+    """A ``train_many`` job that trains ``config`` for ``steps`` more steps from ``init_state``
+    (e.g. a trained dense model's state, or ``upcycle(dense).state_dict()``): returns
+    ``(config, TrainConfig(steps, seed, init_from=state_digest(init_state), **train_options),
+    init_state)``. The learning-rate schedule (warm-up, cosine) starts afresh; ``seed`` draws
+    the batches. Notebook 09 continues a dense model and its upcycled copy this way."""
+    if not isinstance(config, LMConfig):
+        raise TypeError(f"config must be an LMConfig, got {type(config).__name__}")
+    if "init_from" in train_options:
+        raise TypeError("init_from is computed from init_state; do not pass it")
+    tc = TrainConfig(steps=steps, seed=seed, init_from=state_digest(init_state), **train_options)
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream untouched
+        TinyLM(config).load_state_dict(init_state)  # refuse a state of another shape now, not in a worker
+    return config, tc, init_state
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -547,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m moe_utils.train", description="Train a tiny dense or MoE byte-level LM."
     )
-    p.add_argument("--model", required=True, choices=FFN_KINDS, help="FFN of every layer")
+    p.add_argument("--model", required=True, choices=ALL_FFN_KINDS, help="FFN of every layer")
     p.add_argument("--steps", required=True, type=int, help="optimizer steps (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)

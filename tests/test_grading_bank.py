@@ -74,7 +74,7 @@ def test_exercise_totals():
     assert {e: sum(q.points for q in qs) for e, qs in EXERCISES.items()} == {
         "ex01_router_topk": 8, "ex02_balance_losses": 8, "ex03_switch_capacity": 10,
         "ex04_mixtral_block": 6, "ex05_dispatch_metadata": 10, "ex08_routing_security": 12,
-        "ex10_expert_parallel": 15}
+        "ex09_beyond_topk": 10, "ex10_expert_parallel": 15}
     assert all(EXERCISE_INFO[e].moe_utils_allowed == () for e in EXERCISES)
 
 

@@ -14,6 +14,7 @@ from . import (
     ex04_mixtral_block,
     ex05_dispatch_metadata,
     ex08_routing_security,
+    ex09_beyond_topk,
     ex10_expert_parallel,
 )
 
@@ -24,6 +25,7 @@ MODULES = [
     ex04_mixtral_block,
     ex05_dispatch_metadata,
     ex08_routing_security,
+    ex09_beyond_topk,
     ex10_expert_parallel,
 ]
 ALL = [m.EXERCISE for m in MODULES]
