@@ -121,7 +121,7 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         if self.ffn not in ALL_FFN_KINDS:
-            raise ValueError(f"ffn must be one of {FFN_KINDS} or, notebook 09, {BEYOND_TOPK_KINDS}; got {self.ffn!r}")
+            raise ValueError(f"ffn must be one of {ALL_FFN_KINDS}, got {self.ffn!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "d_ff", "num_experts", "top_k",
                      "granularity"):
             check_positive_int(name, getattr(self, name))

@@ -50,9 +50,9 @@ def _expert_choice_loop(probs: torch.Tensor, C: int, group: int) -> dict:
     chosen = {}
     for g0 in range(0, T, group):
         for e in range(E):
-            ranked = sorted(range(g0, g0 + group), key=lambda t: (-float(probs[t, e]), t))
+            ranked = sorted(range(g0, g0 + group), key=lambda t: (-float(probs[t, e].detach()), t))
             for t in ranked[:C]:
-                chosen[(t, e)] = float(probs[t, e])
+                chosen[(t, e)] = float(probs[t, e].detach())
     return chosen
 
 
@@ -438,7 +438,10 @@ def test_every_new_router_through_every_backend_equals_the_reference_loop(backen
     for name, routing in routings.items():
         torch.manual_seed(2)
         bank = ExpertBank(routing.num_experts, d, 40)
-        assert_matches_reference(x.clone().requires_grad_(), _leaf(routing), bank, backend)
+        try:
+            assert_matches_reference(x.clone().requires_grad_(), _leaf(routing), bank, backend)
+        except AssertionError as err:
+            raise AssertionError(f"router {name}: {err}") from err
 
 
 def test_reference_loop_on_expert_choice_equals_a_per_token_sum():

@@ -112,7 +112,8 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 def test_bad_training_input_gives_clear_errors(data, tmp_path):
     with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
         T.TrainConfig(steps=0)
-    with pytest.raises(ValueError, match=r"ffn must be one of \('dense', 'switch', 'mixtral'\), got 'moe'"):
+    with pytest.raises(ValueError, match=r"ffn must be one of \('dense', 'switch', 'mixtral', 'random', 'hash', 'expert_choice', "
+                       r"'deepseek', 'bias_balanced'\), got 'moe'"):
         LMConfig(ffn="moe")
     short = CorpusTokens(train=torch.arange(20), validation=torch.arange(20), validation_by_domain={})
     with pytest.raises(ValueError, match="seq_len=32 needs at least 33 tokens"):
