@@ -379,9 +379,9 @@ def balanced_hash_table(token_counts, num_experts: int) -> torch.Tensor:
 
     ``token_counts[v]`` is how often id ``v`` occurs in the training split. Greedy, largest
     first: the ids in order of falling count (ties: smaller id first) each go to the expert
-    with the smallest load so far (ties: smaller expert id). Roller et al. 2021 build their
-    balanced hash from training-data frequencies; this greedy construction is the course's
-    own. No table can do better than the most frequent token allows: an expert holding a
+    with the smallest load so far (ties: smaller expert id), the balanced assignment of
+    Roller et al. 2021 (built greedily from training-data frequencies, most frequent ids
+    into the emptiest expert); the tie rules are the course's. No table can do better than the most frequent token allows: an expert holding a
     token that alone is more than ``1/E`` of the corpus is overloaded whatever the rest.
     """
     counts = torch.as_tensor(token_counts)

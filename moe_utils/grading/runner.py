@@ -226,6 +226,19 @@ def _grad_mismatch(q: Question, case: Case, result: dict, grads) -> Mismatch | N
     return None
 
 
+def _memory_mismatch(q: Question, result: dict) -> Mismatch | None:
+    shared = result.get("shared")
+    if not isinstance(shared, list):
+        return Mismatch("type", "the grading process did not report the outputs' memory")
+    if not shared:
+        return None
+    names = [f"output[{i}]" for i in shared] if q.outputs else ["the output"]
+    which = names[0] + " does not own its memory" if len(names) == 1 else \
+        ", ".join(names[:-1]) + f" and {names[-1]} do not own their memory"
+    return Mismatch("memory", f"the values are right, but {which} (a view of an input, or one memory repeated "
+                              "by expand): the copies are not independent")
+
+
 def _known_mistake(q: Question, case: Case, got):
     for wrong in q.wrong_answers:
         try:
@@ -268,6 +281,8 @@ def judge_case(q: Question, case: Case, expected, result) -> CaseResult:
     got = result.get("out")
     if miss is None:
         miss = (q.check or compare)(got, value, case)
+    if miss is None and q.own_memory:
+        miss = _memory_mismatch(q, result)
     if miss is None and case.grad:
         miss = _grad_mismatch(q, case, result, grads)
     if miss is None:

@@ -122,7 +122,7 @@ class WrongAnswer:
 
 
 # what can go wrong with an output, in the order the checks find it
-FAILURE_KINDS = ("exception", "type", "shape", "dtype", "nan", "values", "grad", "inplace", "print")
+FAILURE_KINDS = ("exception", "type", "shape", "dtype", "nan", "values", "grad", "inplace", "memory", "print")
 
 DEFAULT_HINTS = {
     "exception": "the error is in your function (the line is shown); compare the shapes and dtypes your code "
@@ -137,6 +137,8 @@ DEFAULT_HINTS = {
     "grad": "the gradient must flow back to the inputs: no .detach(), .item(), .tolist(), torch.no_grad() "
             "or new tensors built from Python numbers on the way",
     "inplace": "work on a copy (x = x.clone()) or use out-of-place operations, so the caller's tensors stay as they were",
+    "memory": "return tensors with memory of their own: a view (expand, an input returned as it is) shares one "
+              "memory, so changing one copy would change the others; use .clone(), torch.stack or .repeat",
     "print": "remove the debugging prints from the graded function",
 }
 
@@ -152,6 +154,8 @@ class Question:
     ``builds_on``: other questions of the exercise this function may call; while it
     is checked they are the references, so one mistake costs one question.
     ``check``: a comparison of its own (``runner.compare`` signature), e.g. tie-aware.
+    ``own_memory``: every output tensor must own its memory (no view of an input, no
+    ``expand``): for outputs meant to be changed independently, e.g. upcycled experts.
     """
 
     exercise: str
@@ -166,6 +170,7 @@ class Question:
     hints: dict[str, str] = field(default_factory=dict)
     wrong_answers: tuple[WrongAnswer, ...] = ()
     check: Callable | None = None
+    own_memory: bool = False
 
     @property
     def qid(self) -> str:

@@ -385,6 +385,32 @@ def _grads(out, args, grad, grad_output) -> dict:
         return {"status": "error", "error": _exception(exc)}
 
 
+def _shared_memory(out, args, kwargs) -> list[int]:
+    """Positions of the output tensors (0 for a single tensor) that do not own their
+    memory: a view of an input, the same memory as an earlier output, or one memory
+    repeated along an axis (a stride of 0, as ``expand`` makes). Only questions that ask
+    for independent copies (``Question.own_memory``) are judged on it."""
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.numel()]
+    try:
+        taken = {a.untyped_storage().data_ptr() for a in inputs}
+    except Exception:  # noqa: BLE001 - a tensor without storage (e.g. a subclass) is not judged
+        return []
+    flagged = []
+    for i, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor) or not o.numel():
+            continue
+        try:
+            ptr = o.untyped_storage().data_ptr()
+            repeated = any(st == 0 and n > 1 for st, n in zip(o.stride(), o.shape))
+        except Exception:  # noqa: BLE001
+            continue
+        if ptr in taken or repeated:
+            flagged.append(i)
+        taken.add(ptr)
+    return flagged
+
+
 def call_case(fn, args, kwargs, grad=(), grad_output=None, capture=None, interruptible=True) -> dict:
     """Call ``fn`` on copies of one case's inputs. Returns {"out", "args_after",
     "kwargs_after", "grad"} or {"error": {...}}; never raises (a KeyboardInterrupt only
@@ -409,7 +435,8 @@ def call_case(fn, args, kwargs, grad=(), grad_output=None, capture=None, interru
         return {"error": {"kind": "exit", "code": _safe(lambda e=exc: repr(e.code))[:100]}}
     except BaseException as exc:  # noqa: BLE001
         return {"error": _exception(exc)}
-    res = {"out": out, "args_after": [_detach(a) for a in args], "kwargs_after": {k: _detach(v) for k, v in kwargs.items()}}
+    res = {"out": out, "args_after": [_detach(a) for a in args], "kwargs_after": {k: _detach(v) for k, v in kwargs.items()},
+           "shared": _shared_memory(out, args, kwargs)}
     if grad:
         res["grad"] = _grads(out, args, tuple(grad), grad_output)
     return res

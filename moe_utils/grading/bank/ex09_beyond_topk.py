@@ -239,6 +239,7 @@ EXERCISE = Exercise(
             "W2 [E, f, d]",
             outputs=("W1", "W3", "W2"),
             hints={"shape": "the expert axis comes first: torch.stack([w] * E) or w.expand(E, ...).clone()"},
+            own_memory=True,
             wrong_answers=(
                 WrongAnswer("only the first expert is a copy; the others are freshly initialised", _upcycle_fresh,
                             "every expert starts as an exact copy of the dense FFN, so the upcycled layer computes "
