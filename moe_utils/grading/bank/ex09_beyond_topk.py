@@ -210,9 +210,8 @@ EXERCISE = Exercise(
             outputs=("indices", "weights"),
             hints={"dtype": "indices are int64 (topk gives them); the weights have the dtype of scores"},
             wrong_answers=(
-                WrongAnswer("the bias is in the gate values as well as in the selection", _bias_in_gate,
-                            "the bias only decides *which* experts; the weights come from the scores without the "
-                            "bias (DeepSeek-V3 section 2.1.2)"),
+                WrongAnswer("bias in the weights too", _bias_in_gate,
+                            "weights: unbiased scores (V3 2.1.2); the bias only picks experts"),
                 WrongAnswer("the weights are not renormalised", _bias_not_renormalised,
                             "divide the k chosen scores by their sum so each token's weights add up to 1"),
                 WrongAnswer("the bias is ignored in the selection", _bias_ignored,
