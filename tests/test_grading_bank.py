@@ -32,7 +32,7 @@ def judge(q, fn, seed=0, hidden=True):
     """Verdicts of ``fn`` on q's cases, the way the grader reaches them."""
     out = []
     for c in q.cases(hidden=hidden, seed=seed):
-        result = decode(encode(call_case(fn, c.args, c.kwargs, c.grad, c.grad_output)))
+        result = decode(encode(call_case(fn, c.args, c.kwargs, c.grad, c.grad_output, memory=q.own_memory)))
         out.append(judge_case(q, c, expected_output(q, c), result))
     return out
 

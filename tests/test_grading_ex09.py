@@ -54,3 +54,28 @@ def test_experts_that_share_one_memory_lose_the_upcycling_points(pool, tmp_path,
     if lost:
         (q,) = [q for q in report.questions if q.name == "upcycle_experts"]
         assert "not own their memory" in q.message and "hint:" in q.message and ".clone()" in q.message, q.message
+
+
+def test_shared_memory_is_judged_byte_by_byte_and_inside_nested_outputs():
+    w1, w3 = torch.randn(3, 4), torch.randn(3, 4)
+    # fused weights (one fresh buffer, split on the last axis): interleaved but independent
+    w13 = torch.stack([torch.cat([w1, w3], 1)] * 2)
+    assert _shared_memory(tuple(w13.split(4, 2)), (w1, w3), {}) == []
+    assert _shared_memory(tuple(torch.randn(4, 3).unbind(0)), (), {}) == []
+    # an input hidden in a nested output, and numpy sharing an input's memory
+    assert _shared_memory(((w1,), torch.ones(2)), (w1,), {}) == [0]
+    np_view = torch.from_numpy(w1.numpy()[1:])
+    assert _shared_memory(np_view, (w1,), {}) == [0]
+    # overlapping slices of one buffer
+    buf = torch.randn(10)
+    assert _shared_memory((buf[:6], buf[4:]), (), {}) == [1]
+
+
+def test_fused_weight_answer_keeps_the_upcycling_points(pool, tmp_path):
+    fused = ("w13 = torch.stack([torch.cat([w1, w3], 1)] * num_experts)\n"
+             "    W1, W3 = w13.split(w1.shape[1], 2)\n"
+             "    return W1, W3, torch.stack([w2] * num_experts)")
+    nb = mutate(NAME, {"upcycle_experts": (STACK, fused)})
+    report = grade_notebook(write(tmp_path, NAME, nb), pool=pool)
+    assert points(report) == {q.name: float(q.points) for q in EXERCISES[NAME]}, \
+        [q.message for q in report.questions if q.points < q.max_points]

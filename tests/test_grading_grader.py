@@ -198,7 +198,8 @@ def test_hidden_cases_and_expected_values_are_a_function_of_the_seed():
     assert encode([a.expected[n] for n in a.expected]) == encode([b.expected[n] for n in b.expected])
     assert encode([a.jobs[n]["cases"] for n in a.jobs]) != encode([c.jobs[n]["cases"] for n in c.jobs])
     job = a.jobs["capacity_kept"]  # what a student's process is sent: inputs, never expected values
-    assert set(job) == {"exercise", "question", "deps_source", "deps", "moe_utils_allowed", "check_names", "cases"}
+    assert set(job) == {"exercise", "question", "deps_source", "deps", "moe_utils_allowed", "check_names", "cases",
+                        "own_memory"}
     assert all(set(case) == {"id", "args", "kwargs", "grad", "grad_output"} for case in job["cases"])
 
 

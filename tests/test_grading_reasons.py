@@ -204,3 +204,82 @@ def test_the_guard_sees_a_same_size_rewrite_whose_times_were_set_back(tmp_path):
     (root / "new.py").write_text("")
     target.unlink()
     assert guard.changed() == ["moe_utils/grader.py", "moe_utils/new.py"]
+
+
+# -- starving itself on purpose -------------------------------------------------------------
+
+# an endless loop that starts a CPU-burning helper (each handing over to a fresh process before
+# its CPU limit) and then lowers its own priority: its main thread spends most of its time
+# "waiting for a CPU", which a clock that forgives all waiting would not charge
+_STARVE_LOOP = '''
+import os, time, torch
+def router_logits(x, w_gate):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if os.fork() == 0:
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            t = time.process_time()
+            while time.process_time() - t < 3 and time.monotonic() < end:
+                pass
+            if os.fork() != 0:
+                os._exit(0)
+        os._exit(0)
+    os.nice(19)
+    while True:
+        pass
+'''
+
+# correct but slow: 1.5 s of CPU per call done by a helper process at normal priority while the
+# main thread spins at the lowest priority on the same CPU (before the fix: full marks in 14 s
+# of wall-clock time against a 2 s limit)
+_STARVE_SLOW = '''
+import os, time, pickle, struct, torch
+_srv = []
+def _rd(fd, n):
+    b = b""
+    while len(b) < n:
+        try:
+            c = os.read(fd, n - len(b))
+        except BlockingIOError:
+            continue
+        if not c:
+            raise EOFError
+        b += c
+    return b
+def router_probs(logits):
+    if not _srv:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        a_r, a_w = os.pipe(); b_r, b_w = os.pipe()
+        if os.fork() == 0:
+            while True:
+                n, = struct.unpack('>Q', _rd(a_r, 8))
+                x = pickle.loads(_rd(a_r, n))
+                t = time.process_time()
+                while time.process_time() - t < 1.5:
+                    pass
+                out = pickle.dumps(torch.softmax(torch.tensor(x).float(), dim=-1).tolist())
+                os.write(b_w, struct.pack('>Q', len(out)) + out)
+        os.nice(19)
+        os.set_blocking(b_r, False)
+        _srv.extend([a_w, b_r])
+    a_w, b_r = _srv
+    msg = pickle.dumps(logits.double().tolist())
+    os.write(a_w, struct.pack('>Q', len(msg)) + msg)
+    n, = struct.unpack('>Q', _rd(b_r, 8))
+    return torch.tensor(pickle.loads(_rd(b_r, n)), dtype=torch.float32).reshape(logits.shape)
+'''
+
+
+@pytest.mark.slow
+@needs_scheduler
+def test_code_that_starves_itself_is_charged_wall_clock_time(pool, tmp_path):
+    nb = mutate(EX01, {"router_logits": _STARVE_LOOP, "router_probs": _STARVE_SLOW})
+    start = time.monotonic()
+    report = grade_notebook(write(tmp_path, EX01, nb), pool=pool, timeout=2.0)
+    took = time.monotonic() - start
+    by_name = {q.name: q for q in report.questions}
+    assert by_name["router_logits"].status == "timeout", by_name["router_logits"].message
+    assert by_name["router_probs"].status == "timeout", by_name["router_probs"].message
+    assert points(report) == {**_full(EX01), "router_logits": 0, "router_probs": 0}
+    # each of the two costs about its 2 s limit, not the 3 x 2 + 10 s given to a busy machine
+    assert took < 30, took

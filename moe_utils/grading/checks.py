@@ -47,7 +47,7 @@ def _references(name: str) -> dict:
     return {dep: by_name[dep].reference for dep in q.builds_on}
 
 
-def _gather(fn, calls: list[tuple], deps: dict) -> list[dict]:
+def _gather(fn, calls: list[tuple], deps: dict, memory: bool = False) -> list[dict]:
     """Call ``fn`` on every case, with the functions it builds on as references."""
     scope = getattr(fn, "__globals__", None)
     saved = {}
@@ -57,7 +57,7 @@ def _gather(fn, calls: list[tuple], deps: dict) -> list[dict]:
     try:
         out = []
         for args, kwargs, grad, grad_output in calls:
-            res = call_case(fn, args, kwargs, grad, grad_output)
+            res = call_case(fn, args, kwargs, grad, grad_output, memory=memory)
             try:
                 out.append(decode(encode(res)))  # exactly what the autograder would see
             except ValueError as exc:
@@ -101,7 +101,8 @@ def check(fn, name: str | None = None, hidden: bool = False) -> None:
     seed = new_seed()
     if not callable(fn):
         raise CheckFailed(f"{qname}: expected a function, got a {type(fn).__name__}")
-    results = _gather(fn, _inputs(qname, hidden, seed), _references(qname))
+    memory = find_question(qname).own_memory
+    results = _gather(fn, _inputs(qname, hidden, seed), _references(qname), memory)
     verdicts, _ = _verdict(qname, hidden, seed, results)
     message = report(qname, verdicts, hidden)
     if message is not None:

@@ -176,7 +176,7 @@ def _plan(pool: WorkerPool, exercise: str) -> _Plan:
         deps_source, deps = dependency_source(q)
         plan.jobs[q.name] = {
             "exercise": exercise, "question": q.name, "deps_source": deps_source, "deps": deps,
-            "moe_utils_allowed": list(info.moe_utils_allowed), "check_names": CHECK_NAMES,
+            "moe_utils_allowed": list(info.moe_utils_allowed), "check_names": CHECK_NAMES, "own_memory": q.own_memory,
             "cases": [{"id": c.id, "args": tuple(c.args), "kwargs": dict(c.kwargs), "grad": list(c.grad),
                        "grad_output": c.grad_output} for c in cases],
         }
@@ -438,8 +438,9 @@ def _run_questions(report: NotebookReport, ex: Extraction, exercise: str, pool: 
                 res.message += " (a cell with a syntax error was skipped: " + "; ".join(ex.syntax_errors) + ")"
         elif out.status in ("unavailable", "overloaded"):
             res = QuestionResult(q.name, 0, q.points, "not graded", _busy_machine(out, timeout))
-            if out.status == "unavailable":
-                load_given_up = res.message  # no worker: do not wait for one again question after question
+            if out.status == "unavailable" or out.loaded is None:
+                # no worker, or loading never finished: do not wait again question after question
+                load_given_up = res.message
         elif out.loaded is None and out.status in ("load_timeout", "died", "zygote_died"):
             load_given_up = (f"loading your definitions did not finish within {timeout:g} s" if out.status ==
                              "load_timeout" else "loading your definitions ended the process")

@@ -85,15 +85,61 @@ class ChildClock:
     """The time a question is charged: wall-clock time minus the time its process was
     runnable but waiting for a CPU (``/proc/<pid>/schedstat``, second field). Where
     that file cannot be read (not Linux, no scheduler statistics, the process gone),
-    nothing is subtracted: plain wall-clock time."""
+    nothing is subtracted: plain wall-clock time.
 
-    def __init__(self, pid: int | None):
+    Only waiting that other work causes is forgiven. Once the question's process has
+    started a process of its own, or lowered its own priority, it could be starving
+    itself on purpose, so from then on every wall-clock second counts (``tainted``
+    says why)."""
+
+    def __init__(self, pid: int | None, reaper: int | None = None):
+        self.pid = pid
+        self.reaper = reaper  # the worker, a child subreaper: orphans of the question land there
         self.path = f"/proc/{pid}/schedstat" if pid else None
         self.waited = 0.0
+        self.tainted = ""
+        self._nice0 = self._nice()
         self._last = self._read()
         if self._last is None:
             self.path = None
         self.start()
+
+    def _nice(self) -> int | None:
+        if not self.pid:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            return int(fields[16])  # field 19 of stat, counted after the command name
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @staticmethod
+    def _children(pid: int) -> set[int]:
+        out: set[int] = set()
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                    out.update(int(c) for c in fh.read().split())
+        except (OSError, ValueError):
+            pass
+        return out
+
+    def _has_children(self) -> bool:
+        """The question's process has children, or the worker has any child but it (an
+        orphan the question started, reparented to the subreaper)."""
+        if self._children(self.pid):
+            return True
+        return bool(self.reaper) and bool(self._children(self.reaper) - {self.pid})
+
+    def _check_taint(self) -> None:
+        if self.tainted or not self.path:
+            return
+        nice = self._nice()
+        if nice is not None and self._nice0 is not None and nice > self._nice0:
+            self.tainted = "it lowered its own priority"
+        elif self._has_children():
+            self.tainted = "it started processes of its own"
 
     def _read(self) -> float | None:
         if not self.path:
@@ -110,9 +156,11 @@ class ChildClock:
         self.path = None
 
     def update(self) -> None:
+        self._check_taint()
         now = self._read()
         if now is not None and self._last is not None and now >= self._last:
-            self.waited += now - self._last
+            if not self.tainted:
+                self.waited += now - self._last
             self._last = now
 
     def start(self) -> None:
@@ -129,6 +177,8 @@ class ChildClock:
 
     def charged(self) -> float:
         self.update()
+        if self.tainted:
+            return self.wall()
         return max(0.0, self.wall() - self.phase_waited())
 
 
@@ -255,13 +305,13 @@ class WorkerPool:
     imports torch) and ``reply_timeout`` for each of its replies (a child started, a
     question ended). A question whose own time has not run out is given up after
     ``wait_factor`` times its limit plus ``wait_grace`` seconds of wall-clock time
-    (``overloaded``): only a machine many times too busy, or code that starts
-    processes competing with itself, gets there.
+    (``overloaded``): only a machine several times too busy gets there (code that
+    starts processes of its own is charged wall-clock time, see ``ChildClock``).
     """
 
     def __init__(self, python: str | None = None, start_timeout: float = 180.0, sandbox: str = "auto",
                  memory_mb: int = 1024, max_procs: int = 32, hide: list | tuple = (), seed: int | None = None,
-                 reply_timeout: float = 60.0, wait_factor: float = 10.0, wait_grace: float = 30.0):
+                 reply_timeout: float = 60.0, wait_factor: float = 3.0, wait_grace: float = 10.0):
         if sandbox not in ("auto", "bwrap", "none"):
             raise ValueError(f"sandbox must be one of 'auto', 'bwrap', 'none', got {sandbox!r}")
         for name, value in (("start_timeout", start_timeout), ("reply_timeout", reply_timeout),
@@ -520,7 +570,7 @@ class WorkerPool:
             else:
                 raise WorkerUnavailable("the grading worker could not start a process for this question")
             child = spawned.get("pid")
-            clock = ChildClock(self.host_pid(child) if isinstance(child, int) else None)
+            clock = ChildClock(self.host_pid(child) if isinstance(child, int) else None, self.zygote_host_pid)
             out = self._converse(job_w, res_r, payload, token, load_timeout, timeout, clock)
             out.limits = spawned.get("limits", {})
             if out.status not in ("timeout", "load_timeout", "overloaded"):

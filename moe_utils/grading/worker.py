@@ -385,36 +385,67 @@ def _grads(out, args, grad, grad_output) -> dict:
         return {"status": "error", "error": _exception(exc)}
 
 
+def _tensors_in(obj, found: list, depth: int = 0) -> list:
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif depth < 8 and isinstance(obj, (list, tuple)):
+        for o in obj:
+            _tensors_in(o, found, depth + 1)
+    elif depth < 8 and isinstance(obj, dict):
+        for o in obj.values():
+            _tensors_in(o, found, depth + 1)
+    return found
+
+
+_MAX_CHECKED_BYTES = 1 << 24  # larger outputs are not judged on memory
+
+
+def _byte_addresses(t: torch.Tensor) -> torch.Tensor | None:
+    """Every byte address ``t``'s elements occupy (int64), repeats included; None where
+    that cannot be read (not a strided CPU tensor, or too large to list)."""
+    if t.layout != torch.strided or t.device.type != "cpu" or not t.numel():
+        return None
+    size = t.element_size()
+    if t.numel() * size > _MAX_CHECKED_BYTES:
+        return None
+    storage = t.untyped_storage()
+    n = storage.nbytes() // size
+    index = torch.arange(n, dtype=torch.int64).as_strided(t.shape, t.stride(), t.storage_offset())
+    first = storage.data_ptr() + index.reshape(-1) * size
+    return (first[:, None] + torch.arange(size, dtype=torch.int64)).reshape(-1)
+
+
 def _shared_memory(out, args, kwargs) -> list[int]:
-    """Positions of the output tensors (0 for a single tensor) that do not own their
-    memory: a view of an input, the same memory as an earlier output, or one memory
-    repeated along an axis (a stride of 0, as ``expand`` makes). Only questions that ask
-    for independent copies (``Question.own_memory``) are judged on it."""
-    outs = out if isinstance(out, (list, tuple)) else (out,)
-    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.numel()]
+    """Positions of the outputs (0 for a single one; a tuple's items) holding a tensor
+    that does not own its memory: one whose bytes overlap an input's or an earlier
+    output's (a view, a slice, numpy sharing), or that uses a byte twice (``expand``).
+    Byte by byte, so separate slices of one fresh buffer are independent. Only
+    questions asking for independent copies (``Question.own_memory``) are judged on it."""
     try:
-        taken = {a.untyped_storage().data_ptr() for a in inputs}
-    except Exception:  # noqa: BLE001 - a tensor without storage (e.g. a subclass) is not judged
+        taken = [a for a in (_byte_addresses(t) for t in _tensors_in([args, kwargs], [])) if a is not None]
+        seen = torch.cat(taken) if taken else torch.empty(0, dtype=torch.int64)
+        flagged = []
+        for i, item in enumerate(out if isinstance(out, (list, tuple)) else (out,)):
+            bad = False
+            for t in _tensors_in(item, []):
+                addr = _byte_addresses(t)
+                if addr is None:
+                    continue
+                if addr.unique().numel() < addr.numel() or torch.isin(addr, seen).any():
+                    bad = True
+                seen = torch.cat([seen, addr])
+            if bad:
+                flagged.append(i)
+        return flagged
+    except Exception:  # noqa: BLE001 - an output we cannot inspect is not judged on memory
         return []
-    flagged = []
-    for i, o in enumerate(outs):
-        if not isinstance(o, torch.Tensor) or not o.numel():
-            continue
-        try:
-            ptr = o.untyped_storage().data_ptr()
-            repeated = any(st == 0 and n > 1 for st, n in zip(o.stride(), o.shape))
-        except Exception:  # noqa: BLE001
-            continue
-        if ptr in taken or repeated:
-            flagged.append(i)
-        taken.add(ptr)
-    return flagged
 
 
-def call_case(fn, args, kwargs, grad=(), grad_output=None, capture=None, interruptible=True) -> dict:
+def call_case(fn, args, kwargs, grad=(), grad_output=None, capture=None, interruptible=True, memory=False) -> dict:
     """Call ``fn`` on copies of one case's inputs. Returns {"out", "args_after",
-    "kwargs_after", "grad"} or {"error": {...}}; never raises (a KeyboardInterrupt only
-    when ``interruptible``, the notebook's stop button)."""
+    "kwargs_after", "grad"} (and "shared" when ``memory``: see ``_shared_memory``) or
+    {"error": {...}}; never raises (a KeyboardInterrupt only when ``interruptible``, the
+    notebook's stop button)."""
     args = list(_clone(tuple(args)))
     kwargs = _clone(dict(kwargs))
     for i in grad:
@@ -435,8 +466,9 @@ def call_case(fn, args, kwargs, grad=(), grad_output=None, capture=None, interru
         return {"error": {"kind": "exit", "code": _safe(lambda e=exc: repr(e.code))[:100]}}
     except BaseException as exc:  # noqa: BLE001
         return {"error": _exception(exc)}
-    res = {"out": out, "args_after": [_detach(a) for a in args], "kwargs_after": {k: _detach(v) for k, v in kwargs.items()},
-           "shared": _shared_memory(out, args, kwargs)}
+    res = {"out": out, "args_after": [_detach(a) for a in args], "kwargs_after": {k: _detach(v) for k, v in kwargs.items()}}
+    if memory:
+        res["shared"] = _shared_memory(out, args, kwargs)
     if grad:
         res["grad"] = _grads(out, args, tuple(grad), grad_output)
     return res
@@ -639,7 +671,7 @@ def child_main(job_fd: int, out_fd: int) -> None:
     if fn is not None and callable(fn):
         for case in job["cases"]:
             r = call_case(fn, case["args"], case["kwargs"], tuple(case["grad"]), case["grad_output"], cap,
-                          interruptible=False)
+                          interruptible=False, memory=bool(job.get("own_memory")))
             r["id"] = case["id"]
             results.append(r)
     elif fn is not None:
