@@ -20,3 +20,20 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def data():
+    """A small corpus split (about 12,000 characters per domain) for training tests."""
+    from moe_utils.data import ByteTokenizer, CorpusTokens, corpus_records
+
+    recs = corpus_records(chars_per_domain=12_000)
+    tok = ByteTokenizer()
+    val = [r for i, r in enumerate(recs) if i % 10 == 0]
+    train = [r for i, r in enumerate(recs) if i % 10 != 0]
+    by_domain = {d: tok.encode("\n\n".join(r["text"] for r in val if r["domain"] == d)) for d in ("code", "math")}
+    return CorpusTokens(
+        train=tok.encode("\n\n".join(r["text"] for r in train)),
+        validation=tok.encode("\n\n".join(r["text"] for r in val)),
+        validation_by_domain=by_domain,
+    )

@@ -15,26 +15,11 @@ import pytest
 import torch
 
 from moe_utils import train as T
-from moe_utils.data import ByteTokenizer, CorpusTokens, corpus_records
 from moe_utils.layers import MoELayer, SharedExpertMoELayer
 from moe_utils.model import BEYOND_TOPK_KINDS, LMConfig, TinyLM, upcycle
 from moe_utils.routers import BiasBalancedRouter, ExpertChoiceRouter, HashRouter, RandomRouter
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, seq_len=16, d_ff=64, num_experts=4)
-
-
-@pytest.fixture(scope="module")
-def data():
-    recs = corpus_records(chars_per_domain=12_000)
-    tok = ByteTokenizer()
-    val = [r for i, r in enumerate(recs) if i % 10 == 0]
-    train = [r for i, r in enumerate(recs) if i % 10 != 0]
-    by_domain = {d: tok.encode("\n\n".join(r["text"] for r in val if r["domain"] == d)) for d in ("code", "math")}
-    return CorpusTokens(
-        train=tok.encode("\n\n".join(r["text"] for r in train)),
-        validation=tok.encode("\n\n".join(r["text"] for r in val)),
-        validation_by_domain=by_domain,
-    )
 
 
 def _model(ffn, **kw):

@@ -9,25 +9,11 @@ import torch
 
 from moe_utils import monitor
 from moe_utils import train as T
-from moe_utils.data import ByteTokenizer, CorpusTokens, corpus_records
+from moe_utils.data import CorpusTokens
 from moe_utils.model import LMConfig
 from moe_utils.routers import Routing
 
 TINY = dict(d_model=32, n_layers=1, n_heads=2, seq_len=32, d_ff=64, num_experts=4)
-
-
-@pytest.fixture(scope="module")
-def data():
-    recs = corpus_records(chars_per_domain=12_000)
-    tok = ByteTokenizer()
-    val = [r for i, r in enumerate(recs) if i % 10 == 0]
-    train = [r for i, r in enumerate(recs) if i % 10 != 0]
-    by_domain = {d: tok.encode("\n\n".join(r["text"] for r in val if r["domain"] == d)) for d in ("code", "math")}
-    return CorpusTokens(
-        train=tok.encode("\n\n".join(r["text"] for r in train)),
-        validation=tok.encode("\n\n".join(r["text"] for r in val)),
-        validation_by_domain=by_domain,
-    )
 
 
 def tc(**kw):
