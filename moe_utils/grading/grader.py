@@ -242,8 +242,8 @@ def _busy_machine(out: Outcome, limit: float) -> str:
     if out.status == "unavailable":
         return f"not graded: {out.detail or 'the grading worker did not answer'}; grade it again"
     return (f"not graded: no answer after {out.wall:.1f} s, although the code had used only {out.charged:.1f} s of "
-            f"its {limit:g} s: it spent {out.waited:.1f} s waiting for a CPU (the machine is overloaded, or the code "
-            "started processes that compete with it); grade it again on a quieter machine, or with a longer --timeout")
+            f"its {limit:g} s: it spent {out.waited:.1f} s waiting for a CPU that other work held (the machine is "
+            "overloaded); grade it again on a quieter machine, or with a longer --timeout")
 
 
 def _timed_out(out: Outcome, timeout: float) -> str:
